@@ -1,0 +1,1 @@
+//! Shipinator k8s adapter (skeleton: filled in by its issue).

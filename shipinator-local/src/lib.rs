@@ -1,0 +1,1 @@
+//! Shipinator local adapter (skeleton: filled in by its issue).

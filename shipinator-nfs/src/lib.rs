@@ -1,0 +1,1 @@
+//! Shipinator nfs adapter (skeleton: filled in by its issue).

@@ -1,0 +1,1 @@
+//! Shipinator postgres adapter (skeleton: filled in by its issue).

@@ -1,0 +1,5 @@
+//! The `shipinator` binary.
+
+fn main() {
+    println!("shipinator");
+}

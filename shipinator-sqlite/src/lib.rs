@@ -1,0 +1,1 @@
+//! Shipinator sqlite adapter (skeleton: filled in by its issue).
