@@ -1,5 +1,14 @@
-//! The `shipinator` binary.
+//! The `shipinator` binary: the CLI, `serve`, `run`, `worker` and `bench`.
 
-fn main() {
-    println!("shipinator");
+use std::process::ExitCode;
+
+use clap::Parser;
+
+mod bench;
+mod cli;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    cli::init_tracing(&cli.global);
+    cli.run()
 }

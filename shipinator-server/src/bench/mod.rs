@@ -1,0 +1,70 @@
+//! `shipinator bench …`: each subcommand prints one JSON line.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand, ValueEnum};
+
+use crate::cli::EXIT_USAGE;
+
+/// Which store a benchmark runs against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BenchStore {
+    /// `InMemoryStore`.
+    Memory,
+    /// SQLite at `--database PATH`.
+    Sqlite,
+    /// PostgreSQL at `--database URL`.
+    Postgres,
+}
+
+/// Flags shared by the benchmarks.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct StoreArgs {
+    /// The store to measure.
+    #[arg(long, value_enum, default_value = "memory")]
+    pub(crate) store: BenchStore,
+    /// SQLite path or PostgreSQL URL.
+    #[arg(long)]
+    pub(crate) database: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum BenchCommand {
+    /// The engine on the mock executor.
+    Engine(EngineArgs),
+    /// Artifact upload and download throughput.
+    Artifacts(ArtifactsArgs),
+}
+
+/// Arguments of `bench engine`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct EngineArgs {
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Runs to execute.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) runs: u64,
+    /// Runs in flight at once.
+    #[arg(long, default_value_t = 500)]
+    pub(crate) concurrency: u64,
+}
+
+/// Arguments of `bench artifacts`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ArtifactsArgs {
+    /// Directory on the volume to measure.
+    #[arg(long)]
+    pub(crate) path: PathBuf,
+    /// Payload size, e.g. `16MiB`, `1GiB`.
+    #[arg(long, default_value = "1GiB")]
+    pub(crate) size: String,
+}
+
+pub(crate) fn run(cmd: BenchCommand) -> u8 {
+    match cmd {
+        BenchCommand::Engine(_) | BenchCommand::Artifacts(_) => {
+            eprintln!("bench: not implemented yet");
+            EXIT_USAGE
+        }
+    }
+}

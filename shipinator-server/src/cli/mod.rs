@@ -1,0 +1,74 @@
+//! Command-line parsing and dispatch. Exit codes: 0 success, 1 the thing checked or run
+//! failed (invalid config, failed pipeline), 2 usage or I/O errors.
+
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::bench;
+
+/// Exit code for success.
+pub(crate) const EXIT_OK: u8 = 0;
+/// Exit code when the checked or executed thing failed.
+pub(crate) const EXIT_FAILED: u8 = 1;
+/// Exit code for usage, configuration or I/O errors.
+pub(crate) const EXIT_USAGE: u8 = 2;
+
+/// Shipinator: a self-hosted CI/CD engine.
+#[derive(Debug, Parser)]
+#[command(name = "shipinator", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    #[command(flatten)]
+    pub(crate) global: GlobalArgs,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Flags every command accepts.
+#[derive(Debug, Args)]
+pub(crate) struct GlobalArgs {
+    /// Log filter for diagnostics on stderr (e.g. `info`, `shipinator_core=debug`).
+    #[arg(long, global = true, env = "SHIPINATOR_LOG", default_value = "warn")]
+    pub(crate) log: String,
+}
+
+/// How results are printed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutputFormat {
+    /// For people.
+    #[default]
+    Human,
+    /// One JSON document, stable for scripts.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Check a `.shipinator.yaml` and report every problem with its location.
+    Validate(crate::cli::validate::ValidateArgs),
+    /// Print the JSON Schema of the `.shipinator.yaml` format (for editors).
+    Schema,
+    /// Measure the engine and its backends; each subcommand prints one JSON line.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+impl Cli {
+    pub(crate) fn run(self) -> ExitCode {
+        let code = match self.command {
+            Command::Validate(args) => validate::run(&args),
+            Command::Schema => validate::schema(),
+            Command::Bench(cmd) => bench::run(cmd),
+        };
+        ExitCode::from(code)
+    }
+}
+
+/// Diagnostics go to stderr so stdout stays machine-readable.
+pub(crate) fn init_tracing(global: &GlobalArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&global.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+pub(crate) mod validate;
