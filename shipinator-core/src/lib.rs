@@ -3,11 +3,22 @@
 
 pub mod artifact;
 pub mod config;
+#[cfg(any(test, feature = "conformance"))]
+pub mod conformance;
 pub mod domain;
+#[cfg(feature = "driver")]
+pub mod driver;
 pub mod error;
 pub mod executor;
+pub mod fsm;
 pub mod logs;
+pub mod memory;
+pub mod orchestrator;
+pub mod retention;
 pub mod store;
 pub mod time;
 
 pub use error::BoxError;
+
+#[cfg(test)]
+mod tests;

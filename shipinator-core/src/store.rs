@@ -467,6 +467,8 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn get_artifact(&self, id: ArtifactId) -> Result<Artifact, StoreError>;
     /// The artifacts of a run, oldest first.
     async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError>;
+    /// Every artifact, newest first (for retention and listings).
+    async fn list_all_artifacts(&self, page: &PageRequest) -> Result<Page<Artifact>, StoreError>;
 
     /// Applies a batch atomically.
     async fn commit(&self, batch: &Batch) -> Result<(), StoreError>;

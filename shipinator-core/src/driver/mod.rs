@@ -1,0 +1,1 @@
+//! The async driver: the only code that spawns tasks or sleeps.

@@ -1,0 +1,1 @@
+//! Transition functions for runs, jobs, steps and executions: transitions are values.

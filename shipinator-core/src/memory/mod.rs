@@ -1,0 +1,1 @@
+//! In-memory backends and the mock executor: products for embedders' tests.

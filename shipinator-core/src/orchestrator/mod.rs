@@ -1,0 +1,1 @@
+//! The pure (sans-IO) orchestrator: facts in, intentions out.

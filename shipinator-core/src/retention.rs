@@ -1,0 +1,1 @@
+//! Artifact retention: which artifacts may be deleted under a policy.
