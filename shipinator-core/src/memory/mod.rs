@@ -16,8 +16,10 @@ use std::time::Duration;
 
 use crate::time::Timestamp;
 
+mod executor;
 mod store;
 
+pub use executor::{MockExecutor, MockOutcome, MockStep, PayloadFn};
 pub use store::InMemoryStore;
 
 /// A source of time for the in-memory backends and the mock executor.
