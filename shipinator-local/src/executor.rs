@@ -1,0 +1,373 @@
+//! [`LocalExecutor`]: runs executions as local processes through the worker runtime.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use shipinator_core::artifact::ArtifactStore;
+use shipinator_core::domain::ExecutionId;
+use shipinator_core::executor::{
+    ExecHandle, ExecutionReport, ExecutionSpec, ExecutionState, Executor, ExecutorError,
+    LogLineStream, ReportStream,
+};
+use shipinator_core::logs::{LogError, LogStore};
+use tokio::sync::{mpsc, watch};
+
+use crate::data_dir::DataDir;
+use crate::error::{Error, error_chain};
+use crate::process::{ProcessIdentity, terminate_group, write_atomic};
+use crate::worker::{
+    BaseEnv, CancelHandle, WorkerContext, WorkerOutcome, cancel_pair, run_execution,
+};
+
+/// Why an execution of an earlier engine process is reported lost although its process still
+/// ran. Its output pipe ended with the old engine, so its log and outputs cannot be trusted:
+/// the process group is stopped and the engine retries the step.
+pub const LOST_ON_RESTART: &str = "engine restarted while the step was running";
+
+/// Runs each execution in-process through [`run_execution`]: the step's command is the only
+/// child process, leading its own process group.
+///
+/// - `submit` is idempotent per execution id.
+/// - While the command runs, `<data>/executions/<id>.pid` holds its pid and start time; when the
+///   execution ends its terminal state is written to `<data>/executions/<id>.json` and the
+///   pidfile removed.
+/// - After an engine restart, `status` answers from those files: a recorded state as recorded;
+///   a pidfile whose process still runs (same pid *and* start time) gets its group stopped and
+///   is reported `Lost` (see [`LOST_ON_RESTART`]); a pidfile whose pid is gone or was recycled
+///   is reported `Lost` without signalling anyone.
+/// - `cancel` sends TERM to the whole group, then KILL after the grace period; so do timeouts.
+#[derive(Debug, Clone)]
+pub struct LocalExecutor {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    ctx: WorkerContext,
+    executions: PathBuf,
+    entries: Mutex<HashMap<ExecutionId, Entry>>,
+    reports_tx: mpsc::UnboundedSender<ExecutionReport>,
+    reports_rx: Mutex<Option<mpsc::UnboundedReceiver<ExecutionReport>>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    handle: ExecHandle,
+    state: watch::Receiver<ExecutionState>,
+    cancel: CancelHandle,
+}
+
+/// Builds a [`LocalExecutor`].
+#[derive(Debug)]
+pub struct LocalExecutorBuilder {
+    data_dir: DataDir,
+    artifacts: Option<Arc<dyn ArtifactStore>>,
+    logs: Option<Arc<dyn LogStore>>,
+    grace: Duration,
+    base_env: Option<BaseEnv>,
+}
+
+impl LocalExecutorBuilder {
+    /// Where artifacts go and come from (required).
+    pub fn artifact_store(mut self, store: Arc<dyn ArtifactStore>) -> Self {
+        self.artifacts = Some(store);
+        self
+    }
+
+    /// Where logs go (required).
+    pub fn log_store(mut self, store: Arc<dyn LogStore>) -> Self {
+        self.logs = Some(store);
+        self
+    }
+
+    /// Time between TERM and KILL when a process group is stopped (default 10 s).
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    /// The environment commands start from (default: this process's `PATH` and `HOME`).
+    pub fn base_env(mut self, env: BaseEnv) -> Self {
+        self.base_env = Some(env);
+        self
+    }
+
+    /// Creates the data directory's subdirectories and builds the executor.
+    ///
+    /// # Errors
+    /// A store is missing, or the data directory cannot be created.
+    pub fn build(self) -> Result<LocalExecutor, Error> {
+        let artifacts = self.artifacts.ok_or(Error::Builder {
+            what: "an artifact store",
+        })?;
+        let logs = self.logs.ok_or(Error::Builder {
+            what: "a log store",
+        })?;
+        self.data_dir
+            .create_all()
+            .map_err(|e| Error::io_at("creating data directory", self.data_dir.root(), e))?;
+        let executions = self.data_dir.executions();
+        let mut ctx = WorkerContext::new(self.data_dir, artifacts, logs);
+        ctx.grace = self.grace;
+        if let Some(env) = self.base_env {
+            ctx.base_env = env;
+        }
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        Ok(LocalExecutor {
+            inner: Arc::new(Inner {
+                ctx,
+                executions,
+                entries: Mutex::new(HashMap::new()),
+                reports_tx,
+                reports_rx: Mutex::new(Some(reports_rx)),
+            }),
+        })
+    }
+}
+
+impl LocalExecutor {
+    /// A builder over the data directory at `data_dir`.
+    pub fn builder(data_dir: impl Into<PathBuf>) -> LocalExecutorBuilder {
+        LocalExecutorBuilder {
+            data_dir: DataDir::new(data_dir),
+            artifacts: None,
+            logs: None,
+            grace: Duration::from_secs(10),
+            base_env: None,
+        }
+    }
+
+    /// The worker context executions run with.
+    pub fn context(&self) -> &WorkerContext {
+        &self.inner.ctx
+    }
+
+    /// The pidfile of an execution while its command runs.
+    pub fn pidfile_path(&self, id: ExecutionId) -> PathBuf {
+        self.inner.executions.join(format!("{id}.pid"))
+    }
+
+    /// The recorded terminal state of an execution.
+    pub fn result_path(&self, id: ExecutionId) -> PathBuf {
+        self.inner.executions.join(format!("{id}.json"))
+    }
+
+    fn handle_for(id: ExecutionId) -> ExecHandle {
+        ExecHandle {
+            execution_id: id,
+            external_id: format!("local:{id}"),
+        }
+    }
+
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<ExecutionId, Entry>> {
+        self.inner
+            .entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn recorded(&self, id: ExecutionId) -> Result<Option<ExecutionState>, ExecutorError> {
+        let path = self.result_path(id);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| {
+                Error::Spec {
+                    reason: format!("{} is not a recorded state: {e}", path.display()),
+                }
+                .into()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io_at("reading", &path, e).into()),
+        }
+    }
+
+    /// Settles an execution this executor object did not start (an earlier engine process):
+    /// its recorded state, or `Lost` after stopping a still-running group. `terminal` is the
+    /// state to record when a live process had to be stopped.
+    async fn settle_foreign(
+        &self,
+        id: ExecutionId,
+        terminal: ExecutionState,
+    ) -> Result<ExecutionState, ExecutorError> {
+        if let Some(state) = self.recorded(id)? {
+            return Ok(state);
+        }
+        let pidfile = self.pidfile_path(id);
+        let identity = ProcessIdentity::read_pidfile(&pidfile)
+            .map_err(|e| Error::io_at("reading", &pidfile, e))?;
+        let state = match identity {
+            Some(identity) if identity.is_live_group_leader() => {
+                tracing::warn!(execution = %id, pid = identity.pid, "stopping a step left running by an earlier engine");
+                terminate_group(identity.pid, self.inner.ctx.grace)
+                    .await
+                    .map_err(|e| Error::io("stopping an orphaned step", e))?;
+                terminal
+            }
+            Some(_) => ExecutionState::Lost {
+                reason: "the step's process ended while the engine was down".to_owned(),
+            },
+            None => ExecutionState::Lost {
+                reason: "the local executor has no record of this execution".to_owned(),
+            },
+        };
+        // Readers following the log of a dead execution must not wait forever.
+        let _ = self.inner.ctx.logs.close(id).await;
+        record(&self.inner.executions, id, &state);
+        let _ = std::fs::remove_file(&pidfile);
+        Ok(state)
+    }
+}
+
+fn record(executions: &std::path::Path, id: ExecutionId, state: &ExecutionState) {
+    let path = executions.join(format!("{id}.json"));
+    let written = serde_json::to_vec(state)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| write_atomic(&path, &bytes));
+    if let Err(e) = written {
+        tracing::warn!(execution = %id, error = %e, "recording an execution's state failed");
+    }
+}
+
+#[async_trait::async_trait]
+impl Executor for LocalExecutor {
+    fn kind(&self) -> &'static str {
+        "local"
+    }
+
+    async fn submit(&self, spec: &ExecutionSpec) -> Result<ExecHandle, ExecutorError> {
+        let id = spec.execution_id;
+        let handle = Self::handle_for(id);
+        if spec.command.is_empty() {
+            return Err(ExecutorError::Rejected {
+                id,
+                reason: "the step has an empty command".to_owned(),
+            });
+        }
+        // An execution of an earlier engine process is not started again.
+        if self.pidfile_path(id).exists() || self.result_path(id).exists() {
+            return Ok(handle);
+        }
+        let (state_tx, state_rx) = watch::channel(ExecutionState::Pending);
+        let (cancel, signal) = cancel_pair();
+        {
+            let mut entries = self.entries();
+            if let Some(existing) = entries.get(&id) {
+                return Ok(existing.handle.clone());
+            }
+            entries.insert(
+                id,
+                Entry {
+                    handle: handle.clone(),
+                    state: state_rx,
+                    cancel,
+                },
+            );
+        }
+        let inner = Arc::clone(&self.inner);
+        let spec = spec.clone();
+        tokio::spawn(async move {
+            state_tx.send_replace(ExecutionState::Running);
+            let pidfile = inner.executions.join(format!("{id}.pid"));
+            let mut on_spawn = |identity: ProcessIdentity| {
+                if let Err(e) = identity.write_pidfile(&pidfile) {
+                    tracing::warn!(execution = %id, error = %e, "writing the pidfile failed");
+                }
+            };
+            let outcome = run_execution(&spec, &inner.ctx, signal, &mut on_spawn).await;
+            let state = match outcome {
+                WorkerOutcome::Finished(result) => ExecutionState::Finished(result),
+                WorkerOutcome::Canceled => ExecutionState::Canceled,
+            };
+            record(&inner.executions, id, &state);
+            let _ = std::fs::remove_file(&pidfile);
+            state_tx.send_replace(state.clone());
+            let _ = inner.reports_tx.send(ExecutionReport {
+                execution_id: id,
+                state,
+            });
+        });
+        Ok(handle)
+    }
+
+    async fn status(&self, handle: &ExecHandle) -> Result<ExecutionState, ExecutorError> {
+        let id = handle.execution_id;
+        if let Some(entry) = self.entries().get(&id) {
+            return Ok(entry.state.borrow().clone());
+        }
+        let state = self
+            .settle_foreign(
+                id,
+                ExecutionState::Lost {
+                    reason: LOST_ON_RESTART.to_owned(),
+                },
+            )
+            .await?;
+        Ok(state)
+    }
+
+    async fn cancel(&self, handle: &ExecHandle) -> Result<(), ExecutorError> {
+        let id = handle.execution_id;
+        let running = self
+            .entries()
+            .get(&id)
+            .map(|e| (e.cancel.clone(), e.state.clone()));
+        match running {
+            Some((cancel, mut state)) => {
+                if state.borrow().is_terminal() {
+                    return Ok(());
+                }
+                cancel.cancel();
+                // Returns once the group is gone: at most the grace period plus a moment.
+                let _ = state.wait_for(ExecutionState::is_terminal).await;
+                Ok(())
+            }
+            None => {
+                self.settle_foreign(id, ExecutionState::Canceled).await?;
+                Ok(())
+            }
+        }
+    }
+
+    async fn logs(
+        &self,
+        handle: &ExecHandle,
+        from_seq: u64,
+    ) -> Result<LogLineStream, ExecutorError> {
+        let id = handle.execution_id;
+        let follow = self
+            .inner
+            .ctx
+            .logs
+            .follow(id, from_seq)
+            .await
+            .map_err(|e| log_error(id, e))?;
+        Ok(Box::pin(
+            follow.map(move |r| r.map_err(|e| log_error(id, e))),
+        ))
+    }
+
+    fn reports(&self) -> Option<ReportStream> {
+        let rx = self
+            .inner
+            .reports_rx
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()?;
+        Some(Box::pin(futures_util::stream::unfold(rx, |mut rx| async {
+            rx.recv().await.map(|r| (r, rx))
+        })))
+    }
+}
+
+fn log_error(id: ExecutionId, e: LogError) -> ExecutorError {
+    match e {
+        LogError::NotFound { .. } => ExecutorError::NotFound { id },
+        LogError::Unavailable { source } => ExecutorError::Unavailable { source },
+        other => ExecutorError::Backend {
+            backend: "local",
+            source: format!("log store: {}", error_chain(&other)).into(),
+        },
+    }
+}

@@ -1,0 +1,312 @@
+//! Running one step's command: a process group, streamed logs, timeout and cancellation.
+
+use std::ffi::OsString;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use shipinator_core::executor::ExecutionSpec;
+use shipinator_core::logs::LogStream;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, BufReader};
+use tokio::sync::{mpsc, watch};
+
+use crate::error::Error;
+use rustix::process::Signal;
+
+use crate::process::{ProcessIdentity, signal_group, terminate_group};
+use crate::worker::log::LogSink;
+
+/// The longest line kept whole; longer lines are split.
+const MAX_LINE: usize = 64 * 1024;
+
+/// Asks a running execution to stop. Cloning shares the request.
+#[derive(Debug, Clone)]
+pub struct CancelHandle(watch::Sender<bool>);
+
+/// Tells a running execution that it should stop.
+#[derive(Debug, Clone)]
+pub struct CancelSignal(watch::Receiver<bool>);
+
+/// A connected cancel handle and signal.
+pub fn cancel_pair() -> (CancelHandle, CancelSignal) {
+    let (tx, rx) = watch::channel(false);
+    (CancelHandle(tx), CancelSignal(rx))
+}
+
+impl CancelHandle {
+    /// Requests cancellation (idempotent).
+    pub fn cancel(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl CancelSignal {
+    /// A signal that never fires.
+    pub fn never() -> Self {
+        let (tx, rx) = watch::channel(false);
+        // With the sender gone, `cancelled` waits forever.
+        drop(tx);
+        Self(rx)
+    }
+
+    /// Whether cancellation was requested.
+    pub fn is_cancelled(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Resolves once cancellation is requested; never, if the handle is dropped first.
+    pub async fn cancelled(&mut self) {
+        if self.0.wait_for(|c| *c).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+/// How a step's command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StepExit {
+    /// It exited by itself; `code` is the exit code, or 128 + the signal that killed it.
+    Exited {
+        /// Exit code.
+        code: i32,
+    },
+    /// It ran past its timeout and its process group was stopped.
+    TimedOut {
+        /// The timeout.
+        after: Duration,
+        /// 128 + the signal that ended it (or its own exit code).
+        code: i32,
+    },
+    /// It was cancelled and its process group was stopped.
+    Canceled,
+}
+
+impl StepExit {
+    /// The exit code to report (`-1` for a cancelled step).
+    pub fn code(&self) -> i32 {
+        match self {
+            StepExit::Exited { code } | StepExit::TimedOut { code, .. } => *code,
+            StepExit::Canceled => -1,
+        }
+    }
+}
+
+/// The environment every user command and engine helper starts from: the engine's `PATH` and
+/// `HOME`, and a fixed locale. Nothing else of the engine's own environment leaks through.
+#[derive(Debug, Clone)]
+pub struct BaseEnv {
+    path: OsString,
+    home: Option<OsString>,
+}
+
+impl BaseEnv {
+    /// Captured from the current process's `PATH` and `HOME`.
+    pub fn from_process() -> Self {
+        Self {
+            path: std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
+            home: std::env::var_os("HOME"),
+        }
+    }
+
+    /// The variables, as `(name, value)` pairs.
+    pub fn vars(&self) -> Vec<(&'static str, OsString)> {
+        let mut out = vec![("PATH", self.path.clone()), ("LANG", "C.UTF-8".into())];
+        if let Some(home) = &self.home {
+            out.push(("HOME", home.clone()));
+        }
+        out
+    }
+}
+
+impl Default for BaseEnv {
+    fn default() -> Self {
+        Self::from_process()
+    }
+}
+
+/// Kills a spawned group if the future running it is dropped before it was reaped.
+struct GroupGuard {
+    pgid: u32,
+    armed: bool,
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = signal_group(self.pgid, Signal::KILL);
+        }
+    }
+}
+
+/// Runs steps' commands. One process per step: the command itself, leading its own process
+/// group.
+#[derive(Debug, Clone)]
+pub struct StepRunner {
+    grace: Duration,
+    base_env: BaseEnv,
+}
+
+impl StepRunner {
+    /// A runner that gives a group `grace` between TERM and KILL.
+    pub fn new(grace: Duration, base_env: BaseEnv) -> Self {
+        Self { grace, base_env }
+    }
+
+    /// Runs `spec.command` in `cwd` with the base environment plus `spec.env` (plus
+    /// `SHIPINATOR_WORKSPACE` when the spec does not set it), streaming its output into `log`.
+    ///
+    /// `on_spawn` is called with the command's identity right after it started (the local
+    /// executor writes its pidfile there). When the command exits, whatever it left running in
+    /// its process group is stopped too (TERM, grace, KILL).
+    ///
+    /// # Errors
+    /// The command is empty or cannot be started.
+    pub async fn run(
+        &self,
+        spec: &ExecutionSpec,
+        workspace: &Path,
+        cwd: &Path,
+        log: &mut LogSink,
+        cancel: &mut CancelSignal,
+        on_spawn: &mut (dyn FnMut(ProcessIdentity) + Send),
+    ) -> Result<StepExit, Error> {
+        let Some((program, args)) = spec.command.split_first() else {
+            return Err(Error::Spec {
+                reason: "the step has an empty command".to_owned(),
+            });
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .env_clear()
+            .envs(self.base_env.vars())
+            .envs(&spec.env)
+            .current_dir(cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0);
+        if !spec.env.contains_key("SHIPINATOR_WORKSPACE") {
+            cmd.env("SHIPINATOR_WORKSPACE", workspace);
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| Error::io(format!("starting `{program}` in {}", cwd.display()), e))?;
+        let pid = child.id().ok_or_else(|| Error::Spec {
+            reason: "the step's process exited before it could be observed".to_owned(),
+        })?;
+        let mut guard = GroupGuard {
+            pgid: pid,
+            armed: true,
+        };
+        if let Ok(identity) = ProcessIdentity::of(pid) {
+            on_spawn(identity);
+        }
+
+        let (tx, rx) = mpsc::channel(1024);
+        let mut readers = Vec::with_capacity(2);
+        if let Some(out) = child.stdout.take() {
+            readers.push(tokio::spawn(read_lines(out, LogStream::Stdout, tx.clone())));
+        }
+        if let Some(err) = child.stderr.take() {
+            readers.push(tokio::spawn(read_lines(err, LogStream::Stderr, tx)));
+        } else {
+            drop(tx);
+        }
+
+        let grace = self.grace;
+        let timeout = spec.timeout;
+        let supervise = async {
+            let exit = supervise(&mut child, pid, timeout, grace, cancel).await;
+            // Whatever the command left behind in its group goes with it.
+            let cleanup = terminate_group(pid, grace).await;
+            let aborts: Vec<_> = readers.iter().map(|r| r.abort_handle()).collect();
+            let drained = async {
+                for r in &mut readers {
+                    let _ = r.await;
+                }
+            };
+            // A process that left the group may still hold the pipes open.
+            if tokio::time::timeout(grace.max(Duration::from_secs(1)), drained)
+                .await
+                .is_err()
+            {
+                for a in aborts {
+                    a.abort();
+                }
+            }
+            (exit, cleanup)
+        };
+        let ((), (exit, cleanup)) = tokio::join!(log.pump(rx), supervise);
+        guard.armed = false;
+        if let Err(e) = cleanup {
+            tracing::warn!(pid, error = %e, "stopping the rest of a step's process group failed");
+        }
+        exit
+    }
+}
+
+async fn supervise(
+    child: &mut tokio::process::Child,
+    pgid: u32,
+    timeout: Option<Duration>,
+    grace: Duration,
+    cancel: &mut CancelSignal,
+) -> Result<StepExit, Error> {
+    let deadline = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        status = child.wait() => {
+            let status = status.map_err(|e| Error::io("waiting for the step", e))?;
+            Ok(StepExit::Exited { code: exit_code(status) })
+        }
+        () = deadline => {
+            terminate_group(pgid, grace).await.map_err(|e| Error::io("stopping a timed-out step", e))?;
+            let status = child.wait().await.map_err(|e| Error::io("waiting for the step", e))?;
+            Ok(StepExit::TimedOut { after: timeout.unwrap_or_default(), code: exit_code(status) })
+        }
+        () = cancel.cancelled() => {
+            terminate_group(pgid, grace).await.map_err(|e| Error::io("stopping a cancelled step", e))?;
+            let _ = child.wait().await;
+            Ok(StepExit::Canceled)
+        }
+    }
+}
+
+fn exit_code(status: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    status
+        .code()
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0))
+}
+
+async fn read_lines(
+    pipe: impl AsyncRead + Unpin,
+    stream: LogStream,
+    tx: mpsc::Sender<(LogStream, String)>,
+) {
+    let mut reader = BufReader::with_capacity(16 * 1024, pipe);
+    let mut buf = Vec::with_capacity(256);
+    loop {
+        buf.clear();
+        // Read one line, but never more than MAX_LINE bytes of it at once.
+        let mut limited = (&mut reader).take(MAX_LINE as u64);
+        match limited.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+            if buf.last() == Some(&b'\r') {
+                buf.pop();
+            }
+        }
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if tx.send((stream, text)).await.is_err() {
+            return;
+        }
+    }
+}
