@@ -35,6 +35,7 @@
 //! is this process's wall clock. Processes sharing one file run on one machine and so share that
 //! clock. Tests can inject a clock with [`SqliteStoreOptions::clock`].
 
+pub mod bench;
 mod error;
 mod rows;
 mod store;
@@ -147,6 +148,20 @@ impl fmt::Debug for SqliteStoreOptions {
             .field("clock", &(self.clock)())
             .finish()
     }
+}
+
+/// The settings of a store's write connection (see [`SqliteStore::settings`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Settings {
+    /// `wal` for a file, `memory` for an in-memory database.
+    pub journal_mode: String,
+    /// `full`, `normal`, `off` or `extra`.
+    pub synchronous: &'static str,
+    /// Whether foreign keys are enforced.
+    pub foreign_keys: bool,
+    /// How long a write waits for another connection's lock.
+    pub busy_timeout: Duration,
 }
 
 /// A [`Store`](shipinator_core::store::Store) in one SQLite file.
@@ -283,6 +298,38 @@ impl SqliteStore {
             reader: pool,
             clock: options.clock,
             path: None,
+        })
+    }
+
+    /// The settings in force on the write connection, as SQLite reports them.
+    ///
+    /// # Errors
+    /// When the database cannot be queried.
+    pub async fn settings(&self) -> Result<Settings, Error> {
+        let mut conn = self.writer.acquire().await?;
+        let journal_mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+            .fetch_one(&mut *conn)
+            .await?;
+        let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+            .fetch_one(&mut *conn)
+            .await?;
+        let foreign_keys: i64 = sqlx::query_scalar("PRAGMA foreign_keys")
+            .fetch_one(&mut *conn)
+            .await?;
+        let busy_timeout: i64 = sqlx::query_scalar("PRAGMA busy_timeout")
+            .fetch_one(&mut *conn)
+            .await?;
+        Ok(Settings {
+            journal_mode: journal_mode.to_ascii_lowercase(),
+            synchronous: match synchronous {
+                0 => "off",
+                1 => "normal",
+                2 => "full",
+                3 => "extra",
+                _ => "unknown",
+            },
+            foreign_keys: foreign_keys == 1,
+            busy_timeout: Duration::from_millis(u64::try_from(busy_timeout).unwrap_or(0)),
         })
     }
 

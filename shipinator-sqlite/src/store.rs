@@ -1055,7 +1055,7 @@ impl Store for SqliteStore {
 
     async fn release_lease(&self, lease: &RunLease) -> Result<(), StoreError> {
         // Releasing a lease that was already lost changes nothing: the new holder keeps it.
-        sqlx::query(
+        let done = sqlx::query(
             "UPDATE pipeline_runs SET lease_owner = NULL, lease_expires_at = NULL \
              WHERE id = ?1 AND lease_owner = ?2 AND lease_epoch = ?3",
         )
@@ -1065,6 +1065,17 @@ impl Store for SqliteStore {
         .execute(&self.writer)
         .await
         .map_err(db)?;
+        if done.rows_affected() == 0 {
+            let exists: Option<i64> =
+                sqlx::query_scalar("SELECT 1 FROM pipeline_runs WHERE id = ?1")
+                    .bind(lease.run_id.to_string())
+                    .fetch_optional(&self.reader)
+                    .await
+                    .map_err(db)?;
+            if exists.is_none() {
+                return Err(not_found(RunId::WHAT, lease.run_id));
+            }
+        }
         Ok(())
     }
 
@@ -1109,35 +1120,28 @@ impl Store for SqliteStore {
         claim: &ExecutionClaim,
         ttl: Duration,
     ) -> Result<ExecutionClaim, StoreError> {
+        // A claim that expired is lost even before `take_expired_execution_claims` reports it:
+        // its execution may already be handed to someone else.
         let now = self.now_ts();
         let expires_at = expires(now, ttl);
-        let mut tx = begin_write(&self.writer).await?;
         let done = sqlx::query(
-            "UPDATE executions SET claim_expires_at = ?1 \
-             WHERE id = ?2 AND claim_worker = ?3 AND claim_taken = 0",
+            "UPDATE executions SET claim_expires_at = ?1 WHERE id = ?2 AND claim_worker = ?3 \
+             AND claim_taken = 0 AND claim_expires_at > ?4",
         )
         .bind(expires_at)
         .bind(claim.execution_id.to_string())
         .bind(claim.worker.as_str())
-        .execute(&mut *tx)
+        .bind(micros(now))
+        .execute(&self.writer)
         .await
         .map_err(db)?;
         if done.rows_affected() == 0 {
-            let exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM executions WHERE id = ?1")
-                .bind(claim.execution_id.to_string())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
-            return Err(match exists {
-                None => not_found(ExecutionId::WHAT, claim.execution_id),
-                Some(_) => StoreError::LeaseLost {
-                    what: ExecutionId::WHAT,
-                    id: claim.execution_id.to_string(),
-                    owner: claim.worker.clone(),
-                },
+            return Err(StoreError::LeaseLost {
+                what: ExecutionId::WHAT,
+                id: claim.execution_id.to_string(),
+                owner: claim.worker.clone(),
             });
         }
-        tx.commit().await.map_err(db)?;
         Ok(ExecutionClaim {
             expires_at: Timestamp::from_unix_micros(expires_at),
             ..claim.clone()
@@ -1158,7 +1162,7 @@ impl Store for SqliteStore {
         .map_err(db)?;
         tx.commit().await.map_err(db)?;
         let mut claims = decode(&rows, rows::claim)?;
-        claims.sort_by_key(|c| c.execution_id);
+        claims.sort_by_key(|c| (c.expires_at, c.execution_id));
         Ok(claims)
     }
 }
