@@ -669,3 +669,83 @@ fn junit_parser_counts_cases() {
         })
     );
 }
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn example_pipelines_and_the_repository_config_are_valid() {
+    let mut files = vec![repo_root().join(".shipinator.yaml")];
+    for entry in std::fs::read_dir(repo_root().join("examples/pipelines")).unwrap() {
+        files.push(entry.unwrap().path().join(".shipinator.yaml"));
+    }
+    assert!(files.len() >= 5, "{files:?}");
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        if let Err(e) = shipinator_core::config::parse(&file.display().to_string(), &text) {
+            panic!("{}: {e}", file.display());
+        }
+    }
+}
+
+/// The hello example, stage by stage, through the executor: the test stage runs the build's
+/// binary from the artifact store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_example_builds_and_tests_from_the_artifact() {
+    let env = env();
+    let dir = repo_root().join("examples/pipelines/hello");
+    let text = std::fs::read_to_string(dir.join(".shipinator.yaml")).unwrap();
+    let pipeline = shipinator_core::config::parse("hello", &text).unwrap();
+    let run = RunId::new_v7();
+    let ctx = shipinator_core::config::TemplateContext::default();
+    let mut inputs = Vec::new();
+    for stage in [JobType::Build, JobType::Test] {
+        let stage_spec = pipeline.stage(stage).unwrap();
+        for (i, step) in stage_spec.steps.iter().enumerate() {
+            let mut spec = spec_in(run, stage, u32::try_from(i).unwrap(), &step.run);
+            spec.source = Some(SourceSpec {
+                clone_url: dir.display().to_string(),
+                commit: String::new(),
+                git_ref: String::new(),
+                copy_working_tree: true,
+            });
+            spec.inputs = inputs.clone();
+            spec.outputs = step
+                .outputs
+                .iter()
+                .map(|o| OutputDecl {
+                    artifact_type: o.artifact_type,
+                    path: o.path.as_ref().map(|p| p.render(&ctx)),
+                    image_ref: o.image_ref.as_ref().map(|p| p.render(&ctx)),
+                    name: o.name.clone(),
+                })
+                .collect();
+            let r = finished(run_spec(&env, &spec).await);
+            assert_eq!(
+                (r.exit_code, &r.failure),
+                (0, &None),
+                "{}: {:?}",
+                step.name,
+                env.logs.lines(spec.execution_id)
+            );
+            if stage == JobType::Test && step.name == "report" {
+                assert_eq!(r.artifacts[0].metadata["passed"], "3");
+                assert_eq!(r.artifacts[1].artifact_type, ArtifactType::Coverage);
+            }
+            for a in r.artifacts {
+                inputs.push(InputArtifact {
+                    id: a.id,
+                    artifact_type: a.artifact_type,
+                    checksum: a.checksum,
+                    path: a.path,
+                    name: a.name,
+                });
+            }
+        }
+    }
+}
+
+async fn run_spec(env: &Env, spec: &ExecutionSpec) -> ExecutionState {
+    run(env, spec).await
+}
