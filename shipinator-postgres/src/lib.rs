@@ -1,1 +1,306 @@
-//! Shipinator postgres adapter (skeleton: filled in by its issue).
+//! PostgreSQL implementation of Shipinator's [`Store`](shipinator_core::store::Store): the
+//! production store, shared by several server replicas (DMD §1–§2).
+//!
+//! ```no_run
+//! use shipinator_core::store::Store;
+//! use shipinator_postgres::PgStore;
+//!
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! // Connects and applies the embedded migrations.
+//! let store = PgStore::connect("postgres://shipinator@127.0.0.1/shipinator").await?;
+//! let now = store.now().await?;
+//! # let _ = now;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # How it works
+//! - **Schema**: plain-SQL migrations in `migrations/`, embedded in the binary and applied by
+//!   [`PgStore::connect`] (or [`PgStore::migrate`]). Queries are checked at run time, so
+//!   building needs no database and no offline query data.
+//! - **Transitions** are compare-and-set updates at READ COMMITTED
+//!   (`… WHERE id = $1 AND version = $2`); a loser gets `Conflict`, never a lost update. One
+//!   [`Batch`](shipinator_core::store::Batch) is one transaction, its fences checked first
+//!   under a row lock.
+//! - **Several drivers** share one database: runs and queued executions are claimed with
+//!   `FOR UPDATE SKIP LOCKED`, leases expire by the database clock (`now()`), and every claim
+//!   bumps the run's `lease_epoch`, which fences off a late writer.
+//! - **Wake-ups**: every commit and run creation sends `NOTIFY` on [`WAKEUP_CHANNEL`] in its
+//!   transaction; [`PgStore::wakeups`] listens, and falls back to polling at most every
+//!   second, because notifications sent while a listener reconnects are lost.
+//! - **Outages**: a lost connection surfaces as `StoreError::Unavailable`; the call had no
+//!   effect (or, for a `commit` whose `COMMIT` was cut off, an effect that replaying the same
+//!   batch treats as a no-op), so the caller retries with backoff.
+
+use std::fmt;
+use std::time::Duration;
+
+use shipinator_core::error::BoxError;
+use shipinator_core::store::StoreError;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+mod rows;
+mod store;
+mod wakeups;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use wakeups::{Wakeup, Wakeups};
+
+/// The `LISTEN`/`NOTIFY` channel on which commits announce new work.
+pub const WAKEUP_CHANNEL: &str = "shipinator_wakeup";
+
+/// The longest a [`Wakeups`] listener waits before telling its driver to poll anyway.
+pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connection settings for [`PgStore::connect_with`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PgStoreOptions {
+    /// Most connections the pool opens (default 10). Size it to the number of concurrent
+    /// store calls the process makes: drivers, API handlers, benchmarks.
+    pub max_connections: u32,
+    /// Connections kept open while idle (default 0).
+    pub min_connections: u32,
+    /// How long a call waits for a connection before failing with `Unavailable` (default 5 s).
+    /// While the database is down, every call takes this long to fail.
+    pub acquire_timeout: Duration,
+    /// Whether [`PgStore::connect_with`] applies the embedded migrations (default true).
+    pub migrate: bool,
+}
+
+impl Default for PgStoreOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 10,
+            min_connections: 0,
+            acquire_timeout: Duration::from_secs(5),
+            migrate: true,
+        }
+    }
+}
+
+impl PgStoreOptions {
+    /// Sets [`max_connections`](Self::max_connections).
+    pub fn max_connections(mut self, n: u32) -> Self {
+        self.max_connections = n.max(1);
+        self
+    }
+
+    /// Sets [`acquire_timeout`](Self::acquire_timeout).
+    pub fn acquire_timeout(mut self, timeout: Duration) -> Self {
+        self.acquire_timeout = timeout;
+        self
+    }
+
+    /// Sets [`migrate`](Self::migrate).
+    pub fn migrate(mut self, migrate: bool) -> Self {
+        self.migrate = migrate;
+        self
+    }
+}
+
+/// Errors of this crate; mapped into [`StoreError`] by the `Store` methods.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The database cannot be reached (refused, closed, timed out, shutting down).
+    #[error("cannot reach the PostgreSQL database")]
+    Unavailable {
+        /// Cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A statement failed.
+    #[error("PostgreSQL statement failed")]
+    Query {
+        /// Cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// The connection URL or options are invalid.
+    #[error("invalid PostgreSQL connection settings")]
+    Config {
+        /// Cause.
+        #[source]
+        source: sqlx::Error,
+    },
+    /// Applying the schema migrations failed.
+    #[error("applying the Shipinator schema migrations failed")]
+    Migrate {
+        /// Cause.
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    /// A stored value this version cannot read (for example an unknown enum spelling).
+    #[error("column {column} holds a value this version of Shipinator cannot read")]
+    Decode {
+        /// The column.
+        column: &'static str,
+        /// Cause.
+        #[source]
+        source: BoxError,
+    },
+    /// A value that does not fit its column (for example a version above `i64::MAX`).
+    #[error("{field} {value} does not fit in a PostgreSQL column")]
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: String,
+    },
+}
+
+impl Error {
+    /// Classifies a sqlx error: connection-level failures become [`Error::Unavailable`].
+    pub(crate) fn from_sqlx(source: sqlx::Error) -> Self {
+        if is_unavailable(&source) {
+            Error::Unavailable { source }
+        } else {
+            Error::Query { source }
+        }
+    }
+
+    /// Whether retrying later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Unavailable { .. })
+    }
+}
+
+/// SQLSTATEs that mean "the server cannot serve this now; retry": connection exceptions
+/// (class 08), shutdown and start-up (57P01–57P03), too many connections, and the rollbacks
+/// READ COMMITTED can still produce (serialization failure, deadlock).
+fn is_unavailable(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+                )
+        }),
+        _ => false,
+    }
+}
+
+impl From<Error> for StoreError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Unavailable { .. } => StoreError::Unavailable {
+                source: Box::new(e),
+            },
+            Error::Migrate {
+                source: sqlx::migrate::MigrateError::Execute(ref inner),
+            } if is_unavailable(inner) => StoreError::Unavailable {
+                source: Box::new(e),
+            },
+            Error::OutOfRange { .. } => StoreError::Invalid {
+                message: e.to_string(),
+            },
+            Error::Query { .. }
+            | Error::Config { .. }
+            | Error::Migrate { .. }
+            | Error::Decode { .. } => StoreError::Backend {
+                backend: "postgres",
+                source: Box::new(e),
+            },
+        }
+    }
+}
+
+/// The PostgreSQL [`Store`](shipinator_core::store::Store). Cheap to clone: clones share one
+/// connection pool.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PgStore")
+            .field("pool_size", &self.pool.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PgStore {
+    /// Connects with default [`PgStoreOptions`] and applies the migrations.
+    ///
+    /// # Errors
+    /// [`Error::Config`] for a malformed URL, [`Error::Unavailable`] when the database cannot be
+    /// reached, [`Error::Migrate`] when the schema cannot be brought up to date.
+    pub async fn connect(url: &str) -> Result<Self, Error> {
+        Self::connect_with(url, PgStoreOptions::default()).await
+    }
+
+    /// Connects with `options` (and applies the migrations unless `options.migrate` is false).
+    ///
+    /// # Errors
+    /// As [`PgStore::connect`].
+    pub async fn connect_with(url: &str, options: PgStoreOptions) -> Result<Self, Error> {
+        let connect: PgConnectOptions = url.parse().map_err(|source| Error::Config { source })?;
+        let pool = PgPoolOptions::new()
+            .max_connections(options.max_connections.max(1))
+            .min_connections(options.min_connections.min(options.max_connections))
+            .acquire_timeout(options.acquire_timeout)
+            .test_before_acquire(true)
+            .connect_with(connect)
+            .await
+            .map_err(Error::from_sqlx)?;
+        let store = Self { pool };
+        if options.migrate {
+            store.migrate().await?;
+        }
+        Ok(store)
+    }
+
+    /// A store over an existing pool. Does not apply migrations: call [`PgStore::migrate`].
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    /// Applies the embedded migrations that are not applied yet. Safe to call from several
+    /// replicas at once (sqlx takes an advisory lock).
+    ///
+    /// # Errors
+    /// [`Error::Migrate`].
+    pub async fn migrate(&self) -> Result<(), Error> {
+        MIGRATOR
+            .run(&self.pool)
+            .await
+            .map_err(|source| Error::Migrate { source })
+    }
+
+    /// The embedded migrations, for tools that inspect or apply them.
+    pub fn migrator() -> &'static sqlx::migrate::Migrator {
+        &MIGRATOR
+    }
+
+    /// The connection pool.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Closes the pool: waits for connections in use to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Starts listening for wake-ups: a [`Wakeups`] that returns when a commit or a new run
+    /// was announced on [`WAKEUP_CHANNEL`], and at least every [`MAX_POLL_INTERVAL`] in any
+    /// case, so that a driver never sleeps through work whose notification was lost.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`] when the listening connection cannot be opened.
+    pub async fn wakeups(&self) -> Result<Wakeups, Error> {
+        Wakeups::listen(&self.pool, MAX_POLL_INTERVAL).await
+    }
+}
