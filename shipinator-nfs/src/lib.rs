@@ -1,1 +1,43 @@
-//! Shipinator nfs adapter (skeleton: filled in by its issue).
+//! Artifact and log stores on a mounted filesystem — an NFS mount in production,
+//! `./.shipinator/artifacts` by default — in the layout of DMD §3.2.
+//!
+//! - [`NfsArtifactStore`]: an [`ArtifactStore`](shipinator_core::artifact::ArtifactStore) with
+//!   `<base>/<artifact-id>/payload` and `<base>/<artifact-id>/metadata.json`, streamed,
+//!   checksummed while written, published atomically, immutable.
+//! - [`FsLogStore`]: a [`LogStore`](shipinator_core::logs::LogStore) with
+//!   `<base>/logs/<execution-id>.log` and a sparse index, capped per execution.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use shipinator_core::artifact::{ArtifactMeta, ArtifactStore, GetOptions};
+//! use shipinator_core::domain::ArtifactId;
+//!
+//! let store = shipinator_nfs::NfsArtifactStore::new(".shipinator/artifacts")?;
+//! let body = Box::pin(futures_util::stream::iter([Ok(bytes::Bytes::from_static(b"hello"))]));
+//! let id = ArtifactId::new_v7();
+//! let stored = store.put(id, ArtifactMeta::default(), body).await?;
+//! assert_eq!(stored.size, 5);
+//! let read = store.get(id, GetOptions::default()).await?;
+//! # drop(read); Ok(()) }
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod error;
+mod fs;
+mod fsutil;
+mod logs;
+mod meta;
+#[cfg(feature = "s3")]
+mod s3;
+
+pub use error::Error;
+pub use fs::{
+    BACKEND, DEFAULT_BASE, METADATA_FILE, NfsArtifactStore, NfsArtifactStoreBuilder, PAYLOAD_FILE,
+    STAGING_DIR, TRASH_DIR,
+};
+pub use logs::{DEFAULT_LOG_CAP, DEFAULT_POLL_INTERVAL, FsLogStore, FsLogStoreBuilder, LOGS_DIR};
+pub use meta::{MAX_FILE_NAME, sanitize_file_name};
+#[cfg(feature = "s3")]
+pub use s3::{
+    DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE, S3_BACKEND, S3ArtifactStore, S3ArtifactStoreBuilder,
+};

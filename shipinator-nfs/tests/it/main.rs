@@ -1,0 +1,9 @@
+//! Integration tests of the filesystem and S3 stores: the conformance suites plus
+//! adapter-specific cases (crash safety, traversal attempts, retention, benchmarks).
+
+// Test helpers and fixtures panic on setup failures, like the tests themselves.
+#![allow(clippy::unwrap_used)]
+
+mod fs_store;
+mod traversal;
+mod util;
