@@ -203,40 +203,37 @@ impl StepRunner {
         }
 
         let (tx, rx) = mpsc::channel(1024);
-        let mut readers = Vec::with_capacity(2);
-        if let Some(out) = child.stdout.take() {
-            readers.push(tokio::spawn(read_lines(out, LogStream::Stdout, tx.clone())));
-        }
-        if let Some(err) = child.stderr.take() {
-            readers.push(tokio::spawn(read_lines(err, LogStream::Stderr, tx)));
-        } else {
-            drop(tx);
-        }
-
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
         let grace = self.grace;
+        // The readers run in this task (no extra task per step). Once the group is gone they
+        // get a bounded time to drain: a process that left the group may hold the pipes open.
+        let readers = async move {
+            let read_both = async {
+                tokio::join!(
+                    read_lines(stdout, LogStream::Stdout, tx.clone()),
+                    read_lines(stderr, LogStream::Stderr, tx),
+                )
+            };
+            let give_up = async {
+                let _ = done_rx.await;
+                tokio::time::sleep(grace.max(Duration::from_secs(1))).await;
+            };
+            tokio::select! {
+                _ = read_both => {}
+                () = give_up => {}
+            }
+        };
         let timeout = spec.timeout;
         let supervise = async {
             let exit = supervise(&mut child, pid, timeout, grace, cancel).await;
             // Whatever the command left behind in its group goes with it.
             let cleanup = terminate_group(pid, grace).await;
-            let aborts: Vec<_> = readers.iter().map(|r| r.abort_handle()).collect();
-            let drained = async {
-                for r in &mut readers {
-                    let _ = r.await;
-                }
-            };
-            // A process that left the group may still hold the pipes open.
-            if tokio::time::timeout(grace.max(Duration::from_secs(1)), drained)
-                .await
-                .is_err()
-            {
-                for a in aborts {
-                    a.abort();
-                }
-            }
+            let _ = done_tx.send(());
             (exit, cleanup)
         };
-        let ((), (exit, cleanup)) = tokio::join!(log.pump(rx), supervise);
+        let ((), (), (exit, cleanup)) = tokio::join!(log.pump(rx), readers, supervise);
         guard.armed = false;
         if let Err(e) = cleanup {
             tracing::warn!(pid, error = %e, "stopping the rest of a step's process group failed");
@@ -284,10 +281,13 @@ fn exit_code(status: ExitStatus) -> i32 {
 }
 
 async fn read_lines(
-    pipe: impl AsyncRead + Unpin,
+    pipe: Option<impl AsyncRead + Unpin>,
     stream: LogStream,
     tx: mpsc::Sender<(LogStream, String)>,
 ) {
+    let Some(pipe) = pipe else {
+        return;
+    };
     let mut reader = BufReader::with_capacity(16 * 1024, pipe);
     let mut buf = Vec::with_capacity(256);
     loop {

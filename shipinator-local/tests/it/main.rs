@@ -721,7 +721,7 @@ async fn hello_example_builds_and_tests_from_the_artifact() {
                     name: o.name.clone(),
                 })
                 .collect();
-            let r = finished(run_spec(&env, &spec).await);
+            let r = finished(run(&env, &spec).await);
             assert_eq!(
                 (r.exit_code, &r.failure),
                 (0, &None),
@@ -744,8 +744,4 @@ async fn hello_example_builds_and_tests_from_the_artifact() {
             }
         }
     }
-}
-
-async fn run_spec(env: &Env, spec: &ExecutionSpec) -> ExecutionState {
-    run(env, spec).await
 }
