@@ -1,0 +1,3 @@
+//! shipinator-server's integration tests (one test binary for the crate).
+
+mod validate;
