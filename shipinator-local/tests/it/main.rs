@@ -697,13 +697,13 @@ async fn hello_example_builds_and_tests_from_the_artifact() {
     let dir = repo_root().join("examples/pipelines/hello");
     let text = std::fs::read_to_string(dir.join(".shipinator.yaml")).unwrap();
     let pipeline = shipinator_core::config::parse("hello", &text).unwrap();
-    let run = RunId::new_v7();
+    let run_id = RunId::new_v7();
     let ctx = shipinator_core::config::TemplateContext::default();
     let mut inputs = Vec::new();
     for stage in [JobType::Build, JobType::Test] {
         let stage_spec = pipeline.stage(stage).unwrap();
         for (i, step) in stage_spec.steps.iter().enumerate() {
-            let mut spec = spec_in(run, stage, u32::try_from(i).unwrap(), &step.run);
+            let mut spec = spec_in(run_id, stage, u32::try_from(i).unwrap(), &step.run);
             spec.source = Some(SourceSpec {
                 clone_url: dir.display().to_string(),
                 commit: String::new(),
