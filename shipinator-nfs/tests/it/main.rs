@@ -5,5 +5,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod fs_store;
+mod logs;
 mod traversal;
 mod util;
