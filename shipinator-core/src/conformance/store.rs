@@ -55,6 +55,9 @@ impl Default for StoreCaps {
 /// A long ttl: never expires while a check runs.
 const LONG_TTL: Duration = Duration::from_secs(3600);
 
+/// Bound on claim loops: a store that keeps handing out the same rows fails instead of hanging.
+const MAX_ROUNDS: usize = 2_000;
+
 /// Runs every check; those for unsupported capabilities are skipped as declared by `caps`.
 pub async fn all(store: &dyn Store, caps: &StoreCaps) {
     create_and_load_every_entity(store).await;
@@ -1241,7 +1244,7 @@ async fn claim_until(
     run: RunId,
     taken: &mut Vec<RunLease>,
 ) -> Option<RunLease> {
-    loop {
+    for _ in 0..MAX_ROUNDS {
         let got = ok(store.claim_runs(owner, ttl, 1000).await, "claim_runs");
         if got.is_empty() {
             return None;
@@ -1255,6 +1258,7 @@ async fn claim_until(
             return found;
         }
     }
+    panic!("claim_runs kept returning runs: held leases are being handed out again");
 }
 
 fn owner(name: &str) -> String {
@@ -1277,7 +1281,7 @@ pub async fn lease_claims_are_exclusive(store: &dyn Store) {
     let owners: Vec<String> = (0..4).map(|i| owner(&format!("x{i}"))).collect();
     let claims = futures_util::future::join_all(owners.iter().map(|o| async move {
         let mut all = Vec::new();
-        loop {
+        for _ in 0..MAX_ROUNDS {
             let got = ok(store.claim_runs(o, LONG_TTL, 3).await, "claim_runs");
             assert!(got.len() <= 3, "claim_runs must honour its limit");
             if got.is_empty() {
@@ -1285,6 +1289,7 @@ pub async fn lease_claims_are_exclusive(store: &dyn Store) {
             }
             all.extend(got);
         }
+        panic!("claim_runs kept returning runs: held leases are being handed out again");
     }))
     .await;
     let all: Vec<RunLease> = claims.into_iter().flatten().collect();
@@ -1604,7 +1609,7 @@ pub async fn executions_are_claimed_exactly_once(store: &dyn Store) {
         let executor_type = executor_type.clone();
         async move {
             let mut got = Vec::new();
-            loop {
+            for _ in 0..MAX_ROUNDS {
                 let claims = ok(
                     store.claim_executions(&executor_type, w, LONG_TTL, 3).await,
                     "claim_executions",
@@ -1618,6 +1623,7 @@ pub async fn executions_are_claimed_exactly_once(store: &dyn Store) {
                 }
                 got.extend(claims);
             }
+            panic!("claim_executions kept returning executions: claims are handed out again");
         }
     }))
     .await;
