@@ -279,3 +279,20 @@ async fn materialize_input(
     .await;
     Ok(())
 }
+
+/// Removes every workspace of `run` (all its stages), e.g. when the run has ended. Missing
+/// workspaces are fine.
+///
+/// # Errors
+/// A directory exists but cannot be removed.
+pub fn remove_run_workspaces(
+    data_dir: &DataDir,
+    run: shipinator_core::domain::RunId,
+) -> Result<(), Error> {
+    let dir = data_dir.workspaces().join(run.to_string());
+    match std::fs::remove_dir_all(&dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io_at("removing", &dir, e)),
+    }
+}

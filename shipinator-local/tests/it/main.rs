@@ -745,3 +745,52 @@ async fn hello_example_builds_and_tests_from_the_artifact() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_steps_share_one_prepared_workspace() {
+    use futures_util::StreamExt;
+    let env = env();
+    let mut reports = env.exec.reports().unwrap();
+    let repo_dir = env.dir.path().join("repo");
+    let url = repo(&repo_dir);
+    let c = commit(&repo_dir, "shared.txt", "from git\n");
+    let run_id = RunId::new_v7();
+    let mut specs = Vec::new();
+    for i in 0..4 {
+        let mut s = spec_in(
+            run_id,
+            JobType::Test,
+            i,
+            &format!("cat shared.txt; echo {i} > out-{i}"),
+        );
+        s.source = source(&url, &c);
+        specs.push(s);
+    }
+    for s in &specs {
+        env.exec.submit(s).await.unwrap();
+    }
+    for _ in 0..specs.len() {
+        let r = finished(reports.next().await.unwrap().state);
+        assert_eq!((r.exit_code, r.failure), (0, None));
+    }
+    let clones = specs
+        .iter()
+        .flat_map(|s| env.logs.lines(s.execution_id))
+        .filter(|l| l.stream == LogStream::System && l.text.contains("cloned into a new mirror"))
+        .count();
+    assert_eq!(clones, 1);
+    let ws = shipinator_local::worker::workspace_dir(
+        &shipinator_local::DataDir::new(env.dir.path().join("data")),
+        &specs[0].workspace.key,
+    )
+    .unwrap();
+    for i in 0..4 {
+        assert!(ws.join(format!("out-{i}")).exists());
+    }
+    shipinator_local::worker::remove_run_workspaces(
+        &shipinator_local::DataDir::new(env.dir.path().join("data")),
+        run_id,
+    )
+    .unwrap();
+    assert!(!ws.exists());
+}
