@@ -88,3 +88,14 @@ CREATE TABLE run_events (
     kind    JSONB NOT NULL
 );
 CREATE INDEX run_events_run_id_idx ON run_events (run_id);
+
+-- execution_logs: the log index (TDD §6.2 `logs_ref`) -------------------------------------------
+-- Where each execution's log lives in the LogStore and how far it got, so that listings and
+-- retention find logs without asking the LogStore.
+CREATE TABLE execution_logs (
+    execution_id UUID PRIMARY KEY REFERENCES executions(id),
+    logs_ref     TEXT NOT NULL,
+    next_seq     BIGINT NOT NULL DEFAULT 0 CHECK (next_seq >= 0),
+    truncated    BOOLEAN NOT NULL DEFAULT FALSE,
+    closed_at    TIMESTAMPTZ
+);

@@ -54,6 +54,9 @@ pub const WAKEUP_CHANNEL: &str = "shipinator_wakeup";
 /// The longest a [`Wakeups`] listener waits before telling its driver to poll anyway.
 pub const MAX_POLL_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Pooled connections idle at least this long are pinged before use.
+const IDLE_PING_AFTER: Duration = Duration::from_secs(1);
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// Connection settings for [`PgStore::connect_with`].
@@ -251,7 +254,17 @@ impl PgStore {
             .max_connections(options.max_connections.max(1))
             .min_connections(options.min_connections.min(options.max_connections))
             .acquire_timeout(options.acquire_timeout)
-            .test_before_acquire(true)
+            // Ping only connections that sat idle (a server restart may have closed them);
+            // one that breaks in use is discarded when it is released.
+            .test_before_acquire(false)
+            .before_acquire(|conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= IDLE_PING_AFTER {
+                        sqlx::Connection::ping(conn).await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(connect)
             .await
             .map_err(Error::from_sqlx)?;

@@ -347,6 +347,200 @@ async fn apply_write(conn: &mut PgConnection, write: &Write) -> Result<(), Store
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UpdateKind {
+    Run,
+    Job,
+    Step,
+    Execution,
+}
+
+fn update_key(write: &Write) -> Option<(UpdateKind, Uuid)> {
+    match write {
+        Write::UpdateRun { id, .. } => Some((UpdateKind::Run, id.0)),
+        Write::UpdateJob { id, .. } => Some((UpdateKind::Job, id.0)),
+        Write::UpdateStep { id, .. } => Some((UpdateKind::Step, id.0)),
+        Write::UpdateExecution { id, .. } => Some((UpdateKind::Execution, id.0)),
+        Write::InsertExecution(_) | Write::InsertArtifact(_) | Write::AppendEvent(_) => None,
+    }
+}
+
+/// Column arrays of a group of updates, bound to one `UPDATE … FROM UNNEST(…)`.
+#[derive(Default)]
+struct UpdateColumns<'a> {
+    ids: Vec<Uuid>,
+    expected: Vec<i64>,
+    statuses: Vec<&'static str>,
+    phases: Vec<&'static str>,
+    attempts: Vec<i64>,
+    external_ids: Vec<&'a str>,
+    exit_codes: Vec<Option<i32>>,
+    failures: Vec<Option<&'a str>>,
+    t1: Vec<Option<OffsetDateTime>>,
+    t2: Vec<Option<OffsetDateTime>>,
+}
+
+impl<'a> UpdateColumns<'a> {
+    fn push(&mut self, write: &'a Write) -> Result<(), StoreError> {
+        let expected = |v: u64| i64_of("expected_version", v).map_err(from_rows);
+        match write {
+            Write::UpdateRun {
+                id,
+                expected_version,
+                status,
+                phase,
+                started_at,
+                finished_at,
+            } => {
+                self.ids.push(id.0);
+                self.expected.push(expected(*expected_version)?);
+                self.statuses.push(status.as_str());
+                self.phases.push(phase.as_str());
+                self.t1.push(opt_ts(*started_at));
+                self.t2.push(opt_ts(*finished_at));
+            }
+            Write::UpdateJob {
+                id,
+                expected_version,
+                status,
+                started_at,
+                finished_at,
+            } => {
+                self.ids.push(id.0);
+                self.expected.push(expected(*expected_version)?);
+                self.statuses.push(status.as_str());
+                self.t1.push(opt_ts(*started_at));
+                self.t2.push(opt_ts(*finished_at));
+            }
+            Write::UpdateStep {
+                id,
+                expected_version,
+                status,
+                attempt,
+                started_at,
+                finished_at,
+            } => {
+                self.ids.push(id.0);
+                self.expected.push(expected(*expected_version)?);
+                self.statuses.push(status.as_str());
+                self.attempts.push(i64::from(*attempt));
+                self.t1.push(opt_ts(*started_at));
+                self.t2.push(opt_ts(*finished_at));
+            }
+            Write::UpdateExecution {
+                id,
+                expected_version,
+                status,
+                external_id,
+                exit_code,
+                failure,
+                completed_at,
+            } => {
+                self.ids.push(id.0);
+                self.expected.push(expected(*expected_version)?);
+                self.statuses.push(status.as_str());
+                self.external_ids.push(external_id.as_str());
+                self.exit_codes.push(*exit_code);
+                self.failures.push(failure.as_deref());
+                self.t1.push(opt_ts(*completed_at));
+            }
+            Write::InsertExecution(_) | Write::InsertArtifact(_) | Write::AppendEvent(_) => {}
+        }
+        Ok(())
+    }
+}
+
+/// Applies consecutive updates of one kind (distinct ids) with one statement; the writes it
+/// did not apply are then resolved one by one (idempotent replay, conflict or missing row).
+async fn apply_updates(
+    conn: &mut PgConnection,
+    kind: UpdateKind,
+    writes: &[Write],
+) -> Result<(), StoreError> {
+    if let [write] = writes {
+        return apply_write(conn, write).await;
+    }
+    let mut c = UpdateColumns::default();
+    for w in writes {
+        c.push(w)?;
+    }
+    let query = match kind {
+        UpdateKind::Run => sqlx::query(
+            "UPDATE pipeline_runs t SET status = u.status, phase = u.phase, \
+               started_at = u.started_at, finished_at = u.finished_at, version = t.version + 1 \
+             FROM UNNEST($1::UUID[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TIMESTAMPTZ[], \
+               $6::TIMESTAMPTZ[]) AS u(id, expected, status, phase, started_at, finished_at) \
+             WHERE t.id = u.id AND t.version = u.expected RETURNING t.id",
+        )
+        .bind(&c.ids)
+        .bind(&c.expected)
+        .bind(&c.statuses)
+        .bind(&c.phases)
+        .bind(&c.t1)
+        .bind(&c.t2),
+        UpdateKind::Job => sqlx::query(
+            "UPDATE jobs t SET status = u.status, started_at = u.started_at, \
+               finished_at = u.finished_at, version = t.version + 1 \
+             FROM UNNEST($1::UUID[], $2::BIGINT[], $3::TEXT[], $4::TIMESTAMPTZ[], \
+               $5::TIMESTAMPTZ[]) AS u(id, expected, status, started_at, finished_at) \
+             WHERE t.id = u.id AND t.version = u.expected RETURNING t.id",
+        )
+        .bind(&c.ids)
+        .bind(&c.expected)
+        .bind(&c.statuses)
+        .bind(&c.t1)
+        .bind(&c.t2),
+        UpdateKind::Step => sqlx::query(
+            "UPDATE job_steps t SET status = u.status, attempt = u.attempt, \
+               started_at = u.started_at, finished_at = u.finished_at, version = t.version + 1 \
+             FROM UNNEST($1::UUID[], $2::BIGINT[], $3::TEXT[], $4::BIGINT[], \
+               $5::TIMESTAMPTZ[], $6::TIMESTAMPTZ[]) \
+               AS u(id, expected, status, attempt, started_at, finished_at) \
+             WHERE t.id = u.id AND t.version = u.expected RETURNING t.id",
+        )
+        .bind(&c.ids)
+        .bind(&c.expected)
+        .bind(&c.statuses)
+        .bind(&c.attempts)
+        .bind(&c.t1)
+        .bind(&c.t2),
+        UpdateKind::Execution => sqlx::query(
+            "UPDATE executions t SET status = u.status, external_id = u.external_id, \
+               exit_code = u.exit_code, failure = u.failure, completed_at = u.completed_at, \
+               version = t.version + 1 \
+             FROM UNNEST($1::UUID[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::INTEGER[], \
+               $6::TEXT[], $7::TIMESTAMPTZ[]) \
+               AS u(id, expected, status, external_id, exit_code, failure, completed_at) \
+             WHERE t.id = u.id AND t.version = u.expected RETURNING t.id",
+        )
+        .bind(&c.ids)
+        .bind(&c.expected)
+        .bind(&c.statuses)
+        .bind(&c.external_ids)
+        .bind(&c.exit_codes)
+        .bind(&c.failures)
+        .bind(&c.t1),
+    };
+    let updated: HashSet<Uuid> = query
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?
+        .iter()
+        .map(|row| rows::col::<Uuid>(row, "id"))
+        .collect::<Result<_, _>>()
+        .map_err(from_rows)?;
+    if updated.len() == writes.len() {
+        return Ok(());
+    }
+    for w in writes {
+        if update_key(w).is_some_and(|(_, id)| !updated.contains(&id)) {
+            // Versions only grow, so this write's CAS fails again and is resolved.
+            apply_write(conn, w).await?;
+        }
+    }
+    Ok(())
+}
+
 async fn insert_execution(conn: &mut PgConnection, exec: &Execution) -> Result<(), StoreError> {
     let inserted = sqlx::query(
         "INSERT INTO executions (id, job_step_id, attempt, executor_type, external_id, status, \
@@ -446,8 +640,9 @@ async fn append_events(conn: &mut PgConnection, events: &[&RunEvent]) -> Result<
             })?,
         );
     }
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+    sqlx::query("SELECT pg_advisory_xact_lock($1), pg_notify($2, '')")
         .bind(EVENT_LOCK_KEY)
+        .bind(WAKEUP_CHANNEL)
         .execute(&mut *conn)
         .await
         .map_err(db)?;
@@ -973,16 +1168,36 @@ impl Store for PgStore {
             }
         }
         let mut events = Vec::new();
-        for write in &batch.writes {
+        let writes = &batch.writes;
+        let mut i = 0;
+        while i < writes.len() {
+            let write = &writes[i];
             if let Write::AppendEvent(e) = write {
                 events.push(e);
+                i += 1;
+                continue;
             }
-            apply_write(&mut tx, write).await?;
+            let Some((kind, id)) = update_key(write) else {
+                apply_write(&mut tx, write).await?;
+                i += 1;
+                continue;
+            };
+            // Consecutive updates of one table with distinct ids go in one statement.
+            let mut ids = HashSet::from([id]);
+            let mut end = i + 1;
+            while end < writes.len()
+                && update_key(&writes[end]).is_some_and(|(k, id)| k == kind && ids.insert(id))
+            {
+                end += 1;
+            }
+            apply_updates(&mut tx, kind, &writes[i..end]).await?;
+            i = end;
         }
-        if !events.is_empty() {
+        if events.is_empty() {
+            notify(&mut tx).await?;
+        } else {
             append_events(&mut tx, &events).await?;
         }
-        notify(&mut tx).await?;
         tx.commit().await.map_err(db)
     }
 

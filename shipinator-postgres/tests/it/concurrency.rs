@@ -166,3 +166,48 @@ async fn sixty_four_racers_one_winner() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// 8 drivers claiming runs at once: every active run is leased to exactly one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drivers_lease_each_run_to_one_owner() -> anyhow::Result<()> {
+    const RUNS: usize = 200;
+    const DRIVERS: usize = 8;
+    let store = Arc::new(crate::fresh_store(DRIVERS as u32 + 2).await?);
+    let fx = fixture(store.as_ref()).await;
+    for _ in 0..RUNS {
+        store
+            .create_run(&new_run(fx.pipeline.id, "main", Trigger::Push, fx.now))
+            .await?;
+    }
+    let start = Arc::new(Barrier::new(DRIVERS));
+    let mut tasks = Vec::new();
+    for d in 0..DRIVERS {
+        let store = Arc::clone(&store);
+        let start = Arc::clone(&start);
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let owner = format!("driver-{d}");
+            let mut mine = Vec::new();
+            loop {
+                let got = store
+                    .claim_runs(&owner, Duration::from_secs(600), 5)
+                    .await?;
+                if got.is_empty() {
+                    return Ok::<_, StoreError>(mine);
+                }
+                mine.extend(got);
+            }
+        }));
+    }
+    let mut owners = HashMap::new();
+    for t in tasks {
+        for lease in t.await?? {
+            assert_eq!(lease.epoch, 1, "first claim of a run");
+            if let Some(prev) = owners.insert(lease.run_id, lease.owner.clone()) {
+                panic!("{:?} leased to {prev} and {}", lease.run_id, lease.owner);
+            }
+        }
+    }
+    assert_eq!(owners.len(), RUNS);
+    Ok(())
+}

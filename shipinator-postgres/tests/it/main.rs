@@ -2,6 +2,7 @@
 //! PostgreSQL binaries (one cluster per test binary, a fresh database per test).
 
 mod atomicity;
+mod batches;
 mod concurrency;
 mod conformance;
 mod enums;
