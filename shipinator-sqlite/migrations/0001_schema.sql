@@ -159,22 +159,18 @@ CREATE TABLE run_events (
     seq             INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
     run_id          TEXT    NOT NULL REFERENCES pipeline_runs (id),
     at              INTEGER NOT NULL,
-    -- The event's `type` tag, for ad-hoc queries.
-    kind            TEXT    NOT NULL,
     -- JSON of the event kind, as serialized by shipinator-core.
-    payload         TEXT    NOT NULL
+    kind            TEXT    NOT NULL
 ) STRICT;
 
 CREATE INDEX run_events_run_id ON run_events (run_id);
 
--- The log index: where each execution's log lives and how far it got. The lines themselves
--- are kept by a LogStore outside the database.
+-- The log index: where each execution's log lives in the LogStore and how far it got. The
+-- lines themselves are kept outside the database.
 CREATE TABLE execution_logs (
     execution_id    TEXT    NOT NULL PRIMARY KEY REFERENCES executions (id),
-    logs_uri        TEXT    NOT NULL,
-    line_count      INTEGER NOT NULL DEFAULT 0 CHECK (line_count >= 0),
-    byte_count      INTEGER NOT NULL DEFAULT 0 CHECK (byte_count >= 0),
+    logs_ref        TEXT    NOT NULL,
+    next_seq        INTEGER NOT NULL DEFAULT 0 CHECK (next_seq >= 0),
     truncated       INTEGER NOT NULL DEFAULT 0 CHECK (truncated IN (0, 1)),
-    closed          INTEGER NOT NULL DEFAULT 0 CHECK (closed IN (0, 1)),
-    updated_at      INTEGER NOT NULL
+    closed_at       INTEGER
 ) STRICT;

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use shipinator_core::domain::{
     Artifact, Execution, Job, JobStep, JobType, Pipeline, PipelineRun, Project, Repository,
 };
-use shipinator_core::store::{ExecutionClaim, RunEvent, RunEventKind, StoredEvent};
+use shipinator_core::store::{ExecutionClaim, RunEvent, StoredEvent};
 use shipinator_core::time::Timestamp;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
@@ -277,24 +277,13 @@ pub(crate) fn execution(row: &SqliteRow) -> Result<Execution, Error> {
     })
 }
 
-/// The `kind` column of an event: its serde `type` tag.
-pub(crate) fn event_kind_tag(kind: &RunEventKind) -> &'static str {
-    match kind {
-        RunEventKind::RunChanged { .. } => "run_changed",
-        RunEventKind::JobChanged { .. } => "job_changed",
-        RunEventKind::StepChanged { .. } => "step_changed",
-        RunEventKind::ExecutionChanged { .. } => "execution_changed",
-        RunEventKind::ArtifactRegistered { .. } => "artifact_registered",
-    }
-}
-
 pub(crate) fn event(row: &SqliteRow) -> Result<StoredEvent, Error> {
     Ok(StoredEvent {
         seq: unsigned(row, "seq")?,
         event: RunEvent {
             run_id: parse(row, "run_id")?,
             at: time(row, "at")?,
-            kind: json(row, "payload")?,
+            kind: json(row, "kind")?,
         },
     })
 }

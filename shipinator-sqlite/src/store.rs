@@ -364,16 +364,13 @@ async fn apply_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), S
         for event in events {
             let payload = serde_json::to_string(&event.kind)
                 .map_err(|e| StoreError::from(Error::encode("event", e)))?;
-            sqlx::query(
-                "INSERT INTO run_events (run_id, at, kind, payload) VALUES (?1, ?2, ?3, ?4)",
-            )
-            .bind(event.run_id.to_string())
-            .bind(micros(event.at))
-            .bind(rows::event_kind_tag(&event.kind))
-            .bind(payload)
-            .execute(&mut *conn)
-            .await
-            .map_err(db_row("event of run", event.run_id))?;
+            sqlx::query("INSERT INTO run_events (run_id, at, kind) VALUES (?1, ?2, ?3)")
+                .bind(event.run_id.to_string())
+                .bind(micros(event.at))
+                .bind(payload)
+                .execute(&mut *conn)
+                .await
+                .map_err(db_row("event of run", event.run_id))?;
         }
     }
     Ok(())
@@ -967,7 +964,7 @@ impl Store for SqliteStore {
             return Ok(Vec::new());
         }
         let rows = sqlx::query(
-            "SELECT seq, run_id, at, payload FROM run_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            "SELECT seq, run_id, at, kind FROM run_events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )
         .bind(int(after_seq))
         .bind(i64::from(limit))
