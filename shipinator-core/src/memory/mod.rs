@@ -16,10 +16,14 @@ use std::time::Duration;
 
 use crate::time::Timestamp;
 
+mod artifact;
 mod executor;
+mod logs;
 mod store;
 
+pub use artifact::InMemoryArtifactStore;
 pub use executor::{MockExecutor, MockOutcome, MockStep, PayloadFn};
+pub use logs::InMemoryLogStore;
 pub use store::InMemoryStore;
 
 /// A source of time for the in-memory backends and the mock executor.
