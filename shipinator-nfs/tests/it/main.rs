@@ -6,5 +6,9 @@
 
 mod fs_store;
 mod logs;
+#[cfg(feature = "s3")]
+mod moto;
+#[cfg(feature = "s3")]
+mod s3;
 mod traversal;
 mod util;
