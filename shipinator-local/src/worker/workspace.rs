@@ -229,6 +229,14 @@ async fn materialize_input(
         .map_err(|e| Error::artifact(format!("fetching input artifact {}", input.id), e))?;
     if let Some(parent) = dest.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io_at("creating", parent, e))?;
+        // A directory of the checkout may be a symbolic link leading out of the workspace.
+        let inside = match (parent.canonicalize(), ws.canonicalize()) {
+            (Ok(p), Ok(root)) => p.starts_with(root),
+            _ => false,
+        };
+        if !inside {
+            return Err(Error::UnsafePath { path: rel.clone() });
+        }
     }
     let tmp = sibling(&dest, ".shipinator-partial");
     let mut file = File::create(&tmp).map_err(|e| Error::io_at("creating", &tmp, e))?;

@@ -678,7 +678,10 @@ fn repo_root() -> std::path::PathBuf {
 fn example_pipelines_and_the_repository_config_are_valid() {
     let mut files = vec![repo_root().join(".shipinator.yaml")];
     for entry in std::fs::read_dir(repo_root().join("examples/pipelines")).unwrap() {
-        files.push(entry.unwrap().path().join(".shipinator.yaml"));
+        let dir = entry.unwrap().path();
+        if dir.is_dir() {
+            files.push(dir.join(".shipinator.yaml"));
+        }
     }
     assert!(files.len() >= 5, "{files:?}");
     for file in files {
@@ -793,4 +796,42 @@ async fn parallel_steps_share_one_prepared_workspace() {
     )
     .unwrap();
     assert!(!ws.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inputs_never_land_outside_through_a_symlinked_directory() {
+    let env = env();
+    let outside = env.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let tree = env.dir.path().join("tree");
+    std::fs::create_dir_all(&tree).unwrap();
+    std::os::unix::fs::symlink(&outside, tree.join("bin")).unwrap();
+    let id = ArtifactId::new_v7();
+    env.artifacts
+        .put(
+            id,
+            ArtifactMeta::default(),
+            Box::pin(futures_util::stream::iter([Ok(bytes::Bytes::from_static(
+                b"x",
+            ))])),
+        )
+        .await
+        .unwrap();
+    let mut spec = spec("true");
+    spec.source = Some(SourceSpec {
+        clone_url: tree.display().to_string(),
+        commit: String::new(),
+        git_ref: String::new(),
+        copy_working_tree: true,
+    });
+    spec.inputs = vec![InputArtifact {
+        id,
+        artifact_type: ArtifactType::Binary,
+        checksum: None,
+        path: Some("bin/app".to_owned()),
+        name: None,
+    }];
+    let r = finished(run(&env, &spec).await);
+    assert!(r.failure.unwrap().contains("stay inside the workspace"));
+    assert!(!outside.join("app").exists());
 }
