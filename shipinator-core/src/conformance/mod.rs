@@ -8,4 +8,7 @@
 //! Adapters enable the `conformance` feature in their dev-dependencies and call the suites from
 //! their integration tests; core runs them on its in-memory backends.
 
+pub mod artifact;
+pub mod executor;
+pub mod logs;
 pub mod store;
