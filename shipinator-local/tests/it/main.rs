@@ -11,27 +11,28 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use shipinator_core::artifact::{ArtifactMeta, ArtifactStore};
-use shipinator_core::domain::{ArtifactId, ArtifactType, JobType, RunId};
+use shipinator_core::artifact::{ArtifactMeta, ArtifactStore, GetOptions};
+use shipinator_core::domain::{ArtifactId, ArtifactType, ExecutionId, JobType, RunId};
 use shipinator_core::executor::{
     ExecutionResult, ExecutionSpec, ExecutionState, Executor, InputArtifact, OutputDecl, SourceSpec,
 };
-use shipinator_core::logs::LogStream;
+use shipinator_core::logs::{LogLine, LogStore, LogStream};
+use shipinator_core::memory::{InMemoryArtifactStore, InMemoryLogStore};
 use shipinator_local::process::ProcessIdentity;
 use shipinator_local::{LOST_ON_RESTART, LocalExecutor};
 use support::*;
 
 struct Env {
     dir: tempfile::TempDir,
-    artifacts: Arc<MemArtifacts>,
-    logs: Arc<MemLogs>,
+    artifacts: Arc<InMemoryArtifactStore>,
+    logs: Arc<InMemoryLogStore>,
     exec: LocalExecutor,
 }
 
 fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
-    let artifacts = Arc::new(MemArtifacts::default());
-    let logs = Arc::new(MemLogs::default());
+    let artifacts = Arc::new(InMemoryArtifactStore::new());
+    let logs = Arc::new(InMemoryLogStore::default());
     let exec = executor(&dir, &artifacts, &logs);
     Env {
         dir,
@@ -43,8 +44,8 @@ fn env() -> Env {
 
 fn executor(
     dir: &tempfile::TempDir,
-    artifacts: &Arc<MemArtifacts>,
-    logs: &Arc<MemLogs>,
+    artifacts: &Arc<InMemoryArtifactStore>,
+    logs: &Arc<InMemoryLogStore>,
 ) -> LocalExecutor {
     LocalExecutor::builder(dir.path().join("data"))
         .artifact_store(Arc::clone(artifacts) as Arc<dyn ArtifactStore>)
@@ -66,12 +67,46 @@ fn finished(state: ExecutionState) -> ExecutionResult {
     }
 }
 
-fn stdout(env: &Env, spec: &ExecutionSpec) -> Vec<String> {
-    env.logs
-        .lines(spec.execution_id)
+async fn lines(env: &Env, id: ExecutionId) -> Vec<LogLine> {
+    env.logs.read(id, 0, usize::MAX).await.unwrap()
+}
+
+async fn stdout(env: &Env, spec: &ExecutionSpec) -> Vec<String> {
+    lines(env, spec.execution_id)
+        .await
         .into_iter()
         .filter(|l| l.stream == LogStream::Stdout)
         .map(|l| l.text)
+        .collect()
+}
+
+/// Whether the log is closed: following it then ends.
+async fn is_closed(env: &Env, id: ExecutionId) -> bool {
+    use futures_util::StreamExt;
+    let follow = env.logs.follow(id, 0).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), follow.collect::<Vec<_>>())
+        .await
+        .is_ok()
+}
+
+/// Waits (bounded) until the execution has logged a line.
+async fn wait_for_output(env: &Env, id: ExecutionId) {
+    for _ in 0..3000 {
+        if !lines(env, id).await.is_empty() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no output within 30 s");
+}
+
+async fn bytes(env: &Env, id: ArtifactId) -> Vec<u8> {
+    use futures_util::StreamExt;
+    let read = env.artifacts.get(id, GetOptions::default()).await.unwrap();
+    let chunks: Vec<_> = read.body.collect().await;
+    chunks
+        .into_iter()
+        .flat_map(|c| c.unwrap().to_vec())
         .collect()
 }
 
@@ -96,7 +131,10 @@ async fn workspace_is_cloned_at_the_exact_commit_and_the_mirror_is_fetched_later
     spec.source = source(&url, &first);
     let result = finished(run(&env, &spec).await);
     assert_eq!(result.exit_code, 0, "{result:?}");
-    assert_eq!(stdout(&env, &spec), vec!["one".to_owned(), first.clone()]);
+    assert_eq!(
+        stdout(&env, &spec).await,
+        vec!["one".to_owned(), first.clone()]
+    );
 
     // The mirror exists once; a later run with a new commit fetches into it.
     let mirrors: Vec<_> = std::fs::read_dir(env.dir.path().join("data/mirrors"))
@@ -113,15 +151,14 @@ async fn workspace_is_cloned_at_the_exact_commit_and_the_mirror_is_fetched_later
     spec2.source = source(&url, &third);
     let result = finished(run(&env, &spec2).await);
     assert_eq!(result.exit_code, 0, "{result:?}");
-    assert_eq!(stdout(&env, &spec2), vec!["three".to_owned()]);
+    assert_eq!(stdout(&env, &spec2).await, vec!["three".to_owned()]);
     assert_eq!(
         std::fs::metadata(&mirror).unwrap().ino(),
         inode,
         "mirror was re-cloned"
     );
-    let system: Vec<String> = env
-        .logs
-        .lines(spec2.execution_id)
+    let system: Vec<String> = lines(&env, spec2.execution_id)
+        .await
         .into_iter()
         .filter(|l| l.stream == LogStream::System)
         .map(|l| l.text)
@@ -138,7 +175,7 @@ async fn workspace_is_cloned_at_the_exact_commit_and_the_mirror_is_fetched_later
     step1b.source = spec2.source.clone();
     assert_eq!(finished(run(&env, &step1b).await).exit_code, 0);
     assert_eq!(finished(run(&env, &step2).await).exit_code, 0);
-    assert_eq!(stdout(&env, &step2), vec!["kept".to_owned()]);
+    assert_eq!(stdout(&env, &step2).await, vec!["kept".to_owned()]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -187,7 +224,7 @@ async fn working_tree_is_copied_without_git_and_data_dir() {
     });
     let handle = exec.submit(&spec).await.unwrap();
     assert_eq!(finished(wait_terminal(&exec, &handle).await).exit_code, 0);
-    let ls = stdout(&env, &spec);
+    let ls = stdout(&env, &spec).await;
     assert_eq!(ls, vec![".", "./src", "./src/main.c"]);
 }
 
@@ -218,7 +255,7 @@ async fn inputs_are_materialized_and_verified() {
     spec.inputs = vec![input.clone()];
     let r = finished(run(&env, &spec).await);
     assert_eq!(r.exit_code, 0, "{r:?}");
-    assert_eq!(stdout(&env, &spec), vec!["built binary says hi"]);
+    assert_eq!(stdout(&env, &spec).await, vec!["built binary says hi"]);
 
     // A checksum that does not match fails before the command runs.
     let mut bad = spec_in(RunId::new_v7(), JobType::Test, 0, "echo should not run");
@@ -233,7 +270,7 @@ async fn inputs_are_materialized_and_verified() {
         failure.contains("is corrupt") && failure.contains("bin/hello"),
         "{failure}"
     );
-    assert!(stdout(&env, &bad).is_empty());
+    assert!(stdout(&env, &bad).await.is_empty());
 
     // A path escaping the workspace is refused.
     let mut escape = spec_in(RunId::new_v7(), JobType::Test, 0, "true");
@@ -257,7 +294,7 @@ async fn steps_see_their_env_and_not_the_engines() {
         .insert("GREETING".to_owned(), "hello world".to_owned());
     let r = finished(run(&env, &spec).await);
     assert_eq!(r.exit_code, 0);
-    let out = stdout(&env, &spec);
+    let out = stdout(&env, &spec).await;
     assert!(out.contains(&"GREETING=hello world".to_owned()), "{out:?}");
     assert!(
         out.contains(&format!("SHIPINATOR_RUN_ID={}", spec.run_id)),
@@ -300,7 +337,7 @@ async fn engine_helpers_do_not_see_user_env() {
     }
     let r = finished(run(&env, &spec).await);
     assert_eq!(r.exit_code, 0, "{r:?}");
-    assert_eq!(stdout(&env, &spec), vec!["/nonexistent"]);
+    assert_eq!(stdout(&env, &spec).await, vec!["/nonexistent"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -313,13 +350,13 @@ async fn logs_are_sequenced_in_order_and_tagged() {
         r.logs_uri.as_deref(),
         Some(format!("logs://{}", spec.execution_id).as_str())
     );
-    let lines = env.logs.lines(spec.execution_id);
+    let lines = lines(&env, spec.execution_id).await;
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l.seq, i as u64);
     }
     assert!(lines.windows(2).all(|w| w[0].at <= w[1].at));
     assert_eq!(
-        stdout(&env, &spec),
+        stdout(&env, &spec).await,
         vec!["out1", "out2", "out3", "out4", "out5", "no newline"]
     );
     let err: Vec<_> = lines
@@ -328,7 +365,7 @@ async fn logs_are_sequenced_in_order_and_tagged() {
         .map(|l| l.text.as_str())
         .collect();
     assert_eq!(err, vec!["err"]);
-    assert!(env.logs.is_closed(spec.execution_id));
+    assert!(is_closed(&env, spec.execution_id).await);
     // Through the executor too.
     use futures_util::StreamExt;
     let handle = env.exec.submit(&spec).await.unwrap();
@@ -351,10 +388,9 @@ async fn timeout_stops_the_whole_process_group() {
     let mut spec = spec("trap '' TERM; sleep 1000 & sleep 1000 & echo $$; wait");
     spec.timeout = Some(Duration::from_millis(300));
     let handle = env.exec.submit(&spec).await.unwrap();
-    let logs = Arc::clone(&env.logs);
     let id = spec.execution_id;
-    wait_until(|| !logs.lines(id).is_empty()).await;
-    let pgid: u32 = stdout(&env, &spec)[0].parse().unwrap();
+    wait_for_output(&env, id).await;
+    let pgid: u32 = stdout(&env, &spec).await[0].parse().unwrap();
     let r = finished(wait_terminal(&env.exec, &handle).await);
     assert_ne!(r.exit_code, 0);
     assert!(
@@ -373,10 +409,9 @@ async fn cancel_stops_the_group_and_is_a_no_op_afterwards() {
     let env = env();
     let spec = spec("sleep 1000 & echo $$; wait");
     let handle = env.exec.submit(&spec).await.unwrap();
-    let logs = Arc::clone(&env.logs);
     let id = spec.execution_id;
-    wait_until(|| !logs.lines(id).is_empty()).await;
-    let pgid: u32 = stdout(&env, &spec)[0].parse().unwrap();
+    wait_for_output(&env, id).await;
+    let pgid: u32 = stdout(&env, &spec).await[0].parse().unwrap();
     let pidfile = ProcessIdentity::read_pidfile(&env.exec.pidfile_path(id))
         .unwrap()
         .unwrap();
@@ -408,7 +443,7 @@ async fn submit_is_idempotent_and_reports_are_pushed() {
     assert_eq!(report.execution_id, spec.execution_id);
     assert_eq!(finished(report.state).exit_code, 0);
     let _ = env.exec.submit(&spec).await.unwrap();
-    assert_eq!(stdout(&env, &spec), vec!["once"]);
+    assert_eq!(stdout(&env, &spec).await, vec!["once"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -458,10 +493,7 @@ async fn outputs_are_collected_byte_identical_with_metadata() {
     let on_disk = std::fs::read(ws.join("bin/app")).unwrap();
     let bin = &r.artifacts[0];
     assert_eq!(bin.name.as_deref(), Some("app"));
-    assert_eq!(
-        env.artifacts.bytes(bin.id).unwrap().as_ref(),
-        on_disk.as_slice()
-    );
+    assert_eq!(bytes(&env, bin.id).await.as_slice(), on_disk.as_slice());
     assert_eq!(bin.size, 300_000);
     assert_eq!(
         bin.checksum.as_deref(),
@@ -502,7 +534,7 @@ async fn outputs_are_collected_byte_identical_with_metadata() {
     }];
     let r = finished(run(&env, &test).await);
     assert_eq!(r.exit_code, 0, "{r:?}");
-    assert_eq!(stdout(&env, &test), vec!["same"]);
+    assert_eq!(stdout(&env, &test).await, vec!["same"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -730,7 +762,7 @@ async fn hello_example_builds_and_tests_from_the_artifact() {
                 (0, &None),
                 "{}: {:?}",
                 step.name,
-                env.logs.lines(spec.execution_id)
+                lines(&env, spec.execution_id).await
             );
             if stage == JobType::Test && step.name == "report" {
                 assert_eq!(r.artifacts[0].metadata["passed"], "3");
@@ -776,11 +808,16 @@ async fn parallel_steps_share_one_prepared_workspace() {
         let r = finished(reports.next().await.unwrap().state);
         assert_eq!((r.exit_code, r.failure), (0, None));
     }
-    let clones = specs
-        .iter()
-        .flat_map(|s| env.logs.lines(s.execution_id))
-        .filter(|l| l.stream == LogStream::System && l.text.contains("cloned into a new mirror"))
-        .count();
+    let mut clones = 0;
+    for s in &specs {
+        clones += lines(&env, s.execution_id)
+            .await
+            .iter()
+            .filter(|l| {
+                l.stream == LogStream::System && l.text.contains("cloned into a new mirror")
+            })
+            .count();
+    }
     assert_eq!(clones, 1);
     let ws = shipinator_local::worker::workspace_dir(
         &shipinator_local::DataDir::new(env.dir.path().join("data")),
