@@ -27,6 +27,7 @@ mod fs;
 mod fsutil;
 mod logs;
 mod meta;
+mod prune;
 #[cfg(feature = "s3")]
 mod s3;
 
@@ -37,6 +38,7 @@ pub use fs::{
 };
 pub use logs::{DEFAULT_LOG_CAP, DEFAULT_POLL_INTERVAL, FsLogStore, FsLogStoreBuilder, LOGS_DIR};
 pub use meta::{MAX_FILE_NAME, sanitize_file_name};
+pub use prune::{PrunePolicy, PruneReport, PrunedArtifact, prune};
 #[cfg(feature = "s3")]
 pub use s3::{
     DEFAULT_MAX_CONCURRENCY, DEFAULT_PART_SIZE, S3_BACKEND, S3ArtifactStore, S3ArtifactStoreBuilder,

@@ -8,6 +8,7 @@ mod fs_store;
 mod logs;
 #[cfg(feature = "s3")]
 mod moto;
+mod prune;
 #[cfg(feature = "s3")]
 mod s3;
 mod traversal;
