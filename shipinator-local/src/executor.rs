@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::data_dir::DataDir;
 use crate::error::{Error, error_chain};
-use crate::process::{ProcessIdentity, terminate_group, write_atomic};
+use crate::process::{ProcessIdentity, terminate_group};
 use crate::worker::{
     BaseEnv, CancelHandle, WorkerContext, WorkerOutcome, cancel_pair, run_execution,
 };
@@ -195,16 +195,12 @@ impl LocalExecutor {
             return Ok(state);
         }
         let pidfile = self.pidfile_path(id);
-        let identity = ProcessIdentity::read_pidfile(&pidfile)
-            .map_err(|e| Error::io_at("reading", &pidfile, e))?;
-        let state = match identity {
-            Some(identity) if identity.is_live_group_leader() => {
-                tracing::warn!(execution = %id, pid = identity.pid, "stopping a step left running by an earlier engine");
-                terminate_group(identity.pid, self.inner.ctx.grace)
-                    .await
-                    .map_err(|e| Error::io("stopping an orphaned step", e))?;
-                terminal
-            }
+        let read_identity = || {
+            ProcessIdentity::read_pidfile(&pidfile)
+                .map_err(|e| Error::io_at("reading", &pidfile, e))
+        };
+        let claim = match read_identity()? {
+            Some(identity) if identity.is_live_group_leader() => terminal,
             Some(_) => ExecutionState::Lost {
                 reason: "the step's process ended while the engine was down".to_owned(),
             },
@@ -212,21 +208,56 @@ impl LocalExecutor {
                 reason: "the local executor has no record of this execution".to_owned(),
             },
         };
+        // Claim the verdict before acting on it: whoever records first decides.
+        let state = record(&self.inner.executions, id, claim.clone());
+        if state != claim {
+            return Ok(state);
+        }
+        // Re-read: a step that started meanwhile wrote its pidfile before checking for a
+        // verdict, so one of the two of us sees the other. Only the exact process (same pid and
+        // start time) leading its own group is ever signalled.
+        if let Some(identity) = read_identity()?
+            && identity.is_live_group_leader()
+        {
+            tracing::warn!(execution = %id, pid = identity.pid, "stopping a step left running by an earlier engine");
+            terminate_group(identity.pid, self.inner.ctx.grace)
+                .await
+                .map_err(|e| Error::io("stopping an orphaned step", e))?;
+        }
         // Readers following the log of a dead execution must not wait forever.
         let _ = self.inner.ctx.logs.close(id).await;
-        record(&self.inner.executions, id, &state);
         let _ = std::fs::remove_file(&pidfile);
         Ok(state)
     }
 }
 
-fn record(executions: &std::path::Path, id: ExecutionId, state: &ExecutionState) {
+/// Records an execution's terminal state unless one is recorded already (the first answer
+/// wins, so an old executor object finishing late cannot overwrite what a new one decided);
+/// returns the recorded state.
+fn record(executions: &std::path::Path, id: ExecutionId, state: ExecutionState) -> ExecutionState {
     let path = executions.join(format!("{id}.json"));
-    let written = serde_json::to_vec(state)
+    let tmp = executions.join(format!("{id}.json.{}.tmp", std::process::id()));
+    let written = serde_json::to_vec(&state)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| write_atomic(&path, &bytes));
-    if let Err(e) = written {
-        tracing::warn!(execution = %id, error = %e, "recording an execution's state failed");
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        // A hard link is created only if nothing is there yet.
+        .and_then(|()| std::fs::hard_link(&tmp, &path));
+    let _ = std::fs::remove_file(&tmp);
+    match written {
+        Ok(()) => state,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            match std::fs::read(&path)
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+            {
+                Some(recorded) => recorded,
+                None => state,
+            }
+        }
+        Err(e) => {
+            tracing::warn!(execution = %id, error = %e, "recording an execution's state failed");
+            state
+        }
     }
 }
 
@@ -251,6 +282,7 @@ impl Executor for LocalExecutor {
         }
         let (state_tx, state_rx) = watch::channel(ExecutionState::Pending);
         let (cancel, signal) = cancel_pair();
+        let own_cancel = cancel.clone();
         {
             let mut entries = self.entries();
             if let Some(existing) = entries.get(&id) {
@@ -261,18 +293,24 @@ impl Executor for LocalExecutor {
                 Entry {
                     handle: handle.clone(),
                     state: state_rx,
-                    cancel,
+                    cancel: cancel.clone(),
                 },
             );
         }
         let inner = Arc::clone(&self.inner);
         let spec = spec.clone();
         tokio::spawn(async move {
+            let own_cancel = own_cancel;
             state_tx.send_replace(ExecutionState::Running);
             let pidfile = inner.executions.join(format!("{id}.pid"));
+            let result_file = inner.executions.join(format!("{id}.json"));
             let mut on_spawn = |identity: ProcessIdentity| {
                 if let Err(e) = identity.write_pidfile(&pidfile) {
                     tracing::warn!(execution = %id, error = %e, "writing the pidfile failed");
+                }
+                // Another executor object over this data directory already settled it.
+                if result_file.exists() {
+                    own_cancel.cancel();
                 }
             };
             let outcome = run_execution(&spec, &inner.ctx, signal, &mut on_spawn).await;
@@ -280,7 +318,7 @@ impl Executor for LocalExecutor {
                 WorkerOutcome::Finished(result) => ExecutionState::Finished(result),
                 WorkerOutcome::Canceled => ExecutionState::Canceled,
             };
-            record(&inner.executions, id, &state);
+            let state = record(&inner.executions, id, state);
             let _ = std::fs::remove_file(&pidfile);
             state_tx.send_replace(state.clone());
             let _ = inner.reports_tx.send(ExecutionReport {

@@ -872,3 +872,62 @@ async fn inputs_never_land_outside_through_a_symlinked_directory() {
     assert!(r.failure.unwrap().contains("stay inside the workspace"));
     assert!(!outside.join("app").exists());
 }
+
+/// Drives [`LocalExecutor`] through core's executor conformance suite.
+#[derive(Debug)]
+struct Harness {
+    dir: tempfile::TempDir,
+    artifacts: Arc<InMemoryArtifactStore>,
+    logs: Arc<InMemoryLogStore>,
+    executor: Arc<LocalExecutor>,
+}
+
+#[async_trait::async_trait]
+impl shipinator_core::conformance::executor::ExecutorHarness for Harness {
+    fn executor(&self) -> Arc<dyn Executor> {
+        Arc::clone(&self.executor) as _
+    }
+
+    fn spec_that_succeeds(&self, lines: &[String]) -> ExecutionSpec {
+        let mut spec = shipinator_core::conformance::executor::base_spec("succeeds");
+        let script: String = lines
+            .iter()
+            .map(|l| format!("printf '%s\\n' '{}'; ", l.replace('\'', "'\\''")))
+            .collect();
+        spec.command = vec!["sh".to_owned(), "-c".to_owned(), format!("{script}true")];
+        spec
+    }
+
+    fn spec_that_runs_long(&self) -> ExecutionSpec {
+        let mut spec = shipinator_core::conformance::executor::base_spec("runs-long");
+        spec.command = vec!["sh".to_owned(), "-c".to_owned(), "sleep 1000".to_owned()];
+        spec
+    }
+
+    async fn restart(&self) -> Arc<dyn Executor> {
+        Arc::new(executor(&self.dir, &self.artifacts, &self.logs))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_the_executor_conformance_suite() {
+    let env = env();
+    let harness = Harness {
+        executor: Arc::new(env.exec.clone()),
+        dir: env.dir,
+        artifacts: env.artifacts,
+        logs: env.logs,
+    };
+    shipinator_core::conformance::executor::all(
+        &harness,
+        &shipinator_core::conformance::executor::ExecutorCaps::default(),
+    )
+    .await;
+    // Nothing the suite started is left running.
+    let pidfiles = std::fs::read_dir(harness.dir.path().join("data/executions"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .count();
+    assert_eq!(pidfiles, 0);
+}
