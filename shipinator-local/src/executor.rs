@@ -51,6 +51,8 @@ struct Inner {
     entries: Mutex<HashMap<ExecutionId, Entry>>,
     reports_tx: mpsc::UnboundedSender<ExecutionReport>,
     reports_rx: Mutex<Option<mpsc::UnboundedReceiver<ExecutionReport>>>,
+    /// Whether someone took the report stream; until then reports are not queued.
+    reports_taken: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
@@ -123,6 +125,7 @@ impl LocalExecutorBuilder {
                 entries: Mutex::new(HashMap::new()),
                 reports_tx,
                 reports_rx: Mutex::new(Some(reports_rx)),
+                reports_taken: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -321,10 +324,15 @@ impl Executor for LocalExecutor {
             let state = record(&inner.executions, id, state);
             let _ = std::fs::remove_file(&pidfile);
             state_tx.send_replace(state.clone());
-            let _ = inner.reports_tx.send(ExecutionReport {
-                execution_id: id,
-                state,
-            });
+            if inner
+                .reports_taken
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                let _ = inner.reports_tx.send(ExecutionReport {
+                    execution_id: id,
+                    state,
+                });
+            }
         });
         Ok(handle)
     }
@@ -393,6 +401,9 @@ impl Executor for LocalExecutor {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take()?;
+        self.inner
+            .reports_taken
+            .store(true, std::sync::atomic::Ordering::Release);
         Some(Box::pin(futures_util::stream::unfold(rx, |mut rx| async {
             rx.recv().await.map(|r| (r, rx))
         })))

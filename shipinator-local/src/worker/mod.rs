@@ -276,3 +276,32 @@ impl From<StatusCallback> for ExecutionResult {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_callback_has_the_dmd_shape_and_round_trips() {
+        let result = ExecutionResult {
+            exit_code: 0,
+            logs_uri: Some("logs://x".to_owned()),
+            artifacts: Vec::new(),
+            failure: None,
+        };
+        let callback = StatusCallback::from(&result);
+        let json = serde_json::to_value(&callback).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"status": "success", "exit_code": 0, "logs_uri": "logs://x", "artifacts": []})
+        );
+        assert_eq!(ExecutionResult::from(callback), result);
+        let failed = ExecutionResult {
+            failure: Some("declared output 'x' was not produced".to_owned()),
+            ..result
+        };
+        let callback = StatusCallback::from(&failed);
+        assert_eq!(callback.status, CallbackStatus::Failed);
+        assert_eq!(ExecutionResult::from(callback), failed);
+    }
+}
