@@ -81,12 +81,18 @@ CREATE INDEX executions_claims_idx ON executions (claim_expires_at)
     WHERE claim_worker IS NOT NULL AND NOT claim_taken;
 
 -- run_events: the outbox, written in the same transaction as the state change -----------------
+-- Writers insert with `seq` NULL (no lock: commits stay concurrent). Readers number committed
+-- events under an advisory lock, in insertion order, continuing from the highest `seq`: so `seq`
+-- is gapless from 1, and an event that commits late is numbered after every event a reader has
+-- already seen.
 CREATE TABLE run_events (
-    seq     BIGSERIAL PRIMARY KEY,
+    id      BIGSERIAL PRIMARY KEY,
+    seq     BIGINT UNIQUE CHECK (seq >= 1),
     run_id  UUID NOT NULL REFERENCES pipeline_runs(id),
     at      TIMESTAMPTZ NOT NULL,
     kind    JSONB NOT NULL
 );
+CREATE INDEX run_events_unnumbered_idx ON run_events (id) WHERE seq IS NULL;
 CREATE INDEX run_events_run_id_idx ON run_events (run_id);
 
 -- execution_logs: the log index (TDD §6.2 `logs_ref`) -------------------------------------------

@@ -25,9 +25,15 @@
 //! - **Several drivers** share one database: runs and queued executions are claimed with
 //!   `FOR UPDATE SKIP LOCKED`, leases expire by the database clock (`now()`), and every claim
 //!   bumps the run's `lease_epoch`, which fences off a late writer.
-//! - **Wake-ups**: every commit and run creation sends `NOTIFY` on [`WAKEUP_CHANNEL`] in its
-//!   transaction; [`PgStore::wakeups`] listens, and falls back to polling at most every
-//!   second, because notifications sent while a listener reconnects are lost.
+//! - **Wake-ups**: run creation, batches without a fence (input from outside a driver: a
+//!   cancel, a worker's report) and batches that queue executions send `NOTIFY` on
+//!   [`WAKEUP_CHANNEL`] in their transaction; a driver's own fenced transitions do not, since
+//!   `NOTIFY` serialises the commits of all notifying transactions. [`PgStore::wakeups`]
+//!   listens, and falls back to polling at most every second, because notifications sent
+//!   while a listener reconnects are lost.
+//! - **Events** (the outbox) are inserted unnumbered in the batch's transaction; `list_events`
+//!   numbers committed events under an advisory lock, so `seq` is gapless from 1 and an event
+//!   that commits late is never skipped by a reader, without serialising writers.
 //! - **Outages**: a lost connection surfaces as `StoreError::Unavailable`; the call had no
 //!   effect (or, for a `commit` whose `COMMIT` was cut off, an effect that replaying the same
 //!   batch treats as a no-op), so the caller retries with backoff.
@@ -307,9 +313,10 @@ impl PgStore {
         self.pool.close().await;
     }
 
-    /// Starts listening for wake-ups: a [`Wakeups`] that returns when a commit or a new run
-    /// was announced on [`WAKEUP_CHANNEL`], and at least every [`MAX_POLL_INTERVAL`] in any
-    /// case, so that a driver never sleeps through work whose notification was lost.
+    /// Starts listening for wake-ups: a [`Wakeups`] that returns when a new run or an
+    /// announced batch (see the crate docs) was committed, and at least every
+    /// [`MAX_POLL_INTERVAL`] in any case, so that a driver never sleeps through work whose
+    /// notification was lost or was never sent.
     ///
     /// # Errors
     /// [`Error::Unavailable`] when the listening connection cannot be opened.

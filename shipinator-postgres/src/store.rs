@@ -25,8 +25,7 @@ use crate::rows::{
 };
 use crate::{Error, PgStore, WAKEUP_CHANNEL};
 
-/// Serialises event appends so that `seq` order is commit order: a reader paging with
-/// `after_seq` never skips an event that commits after a later-numbered one.
+/// Serialises the numbering of committed events (see `number_events`).
 const EVENT_LOCK_KEY: i64 = 0x5348_4950_4556_5401;
 
 /// Job order by stage, as `JobType::ORDER`.
@@ -135,7 +134,52 @@ async fn exists(conn: &mut PgConnection, sql: &'static str, id: Uuid) -> Result<
         .map_err(db)
 }
 
+/// Whether a batch is announced on the wake-up channel. `NOTIFY` serialises the commits of
+/// every notifying transaction (PostgreSQL holds a global lock while queueing the
+/// notification at commit), so a driver's own fenced transitions, which wake no one else, are
+/// not announced. Announced: batches without a fence (input from outside a driver: a cancel,
+/// a worker's report) and batches that queue executions for pull workers.
+fn announce(batch: &Batch) -> bool {
+    batch.fences.is_empty()
+        || batch
+            .writes
+            .iter()
+            .any(|w| matches!(w, Write::InsertExecution(_)))
+}
+
 impl PgStore {
+    /// Numbers committed, unnumbered events in insertion order, after the highest `seq`.
+    /// Under a transaction-scoped advisory lock, so numberers take turns and an event that
+    /// commits after a numbering gets a higher number than any event numbered before it.
+    async fn number_events(&self) -> Result<(), StoreError> {
+        let pending: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM run_events WHERE seq IS NULL)")
+                .fetch_one(&self.pool)
+                .await
+                .map_err(db)?;
+        if !pending {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(EVENT_LOCK_KEY)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        // A new statement, so its snapshot includes everything committed before the lock.
+        sqlx::query(
+            "UPDATE run_events r SET seq = n.seq \
+             FROM (SELECT id, (SELECT COALESCE(MAX(seq), 0) FROM run_events) \
+                          + row_number() OVER (ORDER BY id) AS seq \
+                   FROM run_events WHERE seq IS NULL) n \
+             WHERE r.id = n.id",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)
+    }
+
     async fn conn(&self) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, StoreError> {
         self.pool.acquire().await.map_err(db)
     }
@@ -640,12 +684,6 @@ async fn append_events(conn: &mut PgConnection, events: &[&RunEvent]) -> Result<
             })?,
         );
     }
-    sqlx::query("SELECT pg_advisory_xact_lock($1), pg_notify($2, '')")
-        .bind(EVENT_LOCK_KEY)
-        .bind(WAKEUP_CHANNEL)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
     sqlx::query(
         "INSERT INTO run_events (run_id, at, kind) \
          SELECT r, a, k FROM UNNEST($1::UUID[], $2::TIMESTAMPTZ[], $3::JSONB[]) \
@@ -1193,10 +1231,11 @@ impl Store for PgStore {
             apply_updates(&mut tx, kind, &writes[i..end]).await?;
             i = end;
         }
-        if events.is_empty() {
-            notify(&mut tx).await?;
-        } else {
+        if !events.is_empty() {
             append_events(&mut tx, &events).await?;
+        }
+        if announce(batch) {
+            notify(&mut tx).await?;
         }
         tx.commit().await.map_err(db)
     }
@@ -1207,6 +1246,7 @@ impl Store for PgStore {
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        self.number_events().await?;
         let rows = sqlx::query(
             "SELECT seq, run_id, at, kind FROM run_events WHERE seq > $1 ORDER BY seq LIMIT $2",
         )

@@ -159,3 +159,58 @@ async fn grouped_updates_are_compare_and_set_and_atomic() -> anyhow::Result<()> 
     assert_eq!((s.version, s.status), (3, Status::Failed));
     Ok(())
 }
+
+/// An event whose transaction commits after a later-inserted one is numbered after it, so a
+/// reader paging by `seq` never skips it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_committing_events_are_not_skipped() -> anyhow::Result<()> {
+    let store = crate::fresh_store(4).await?;
+    let fx = fixture(&store).await;
+    let new = new_run(fx.pipeline.id, "main", Trigger::Push, fx.now);
+    store.create_run(&new).await?;
+    let event = |status| RunEvent {
+        run_id: new.run.id,
+        at: fx.now,
+        kind: RunEventKind::RunChanged {
+            status,
+            phase: shipinator_core::domain::RunPhase::Submitted,
+        },
+    };
+    // A slow writer inserts its event first and has not committed yet.
+    let mut slow = store.pool().begin().await?;
+    sqlx::query("INSERT INTO run_events (run_id, at, kind) VALUES ($1, now(), $2)")
+        .bind(new.run.id.0)
+        .bind(serde_json::to_value(
+            event(shipinator_core::domain::RunStatus::Pending).kind,
+        )?)
+        .execute(&mut *slow)
+        .await?;
+    // A fast writer commits after it.
+    store
+        .commit(&Batch {
+            fences: Vec::new(),
+            writes: vec![Write::AppendEvent(event(
+                shipinator_core::domain::RunStatus::Running,
+            ))],
+        })
+        .await?;
+    let first = store.list_events(0, 100).await?;
+    assert_eq!(first.len(), 1, "only committed events are listed");
+    assert_eq!(first[0].seq, 1);
+    slow.commit().await?;
+    let next = store.list_events(first[0].seq, 100).await?;
+    assert_eq!(
+        next.len(),
+        1,
+        "the late commit is listed after the reader's position"
+    );
+    assert_eq!(next[0].seq, 2);
+    assert!(matches!(
+        next[0].event.kind,
+        RunEventKind::RunChanged {
+            status: shipinator_core::domain::RunStatus::Pending,
+            ..
+        }
+    ));
+    Ok(())
+}
