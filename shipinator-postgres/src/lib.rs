@@ -324,3 +324,50 @@ impl PgStore {
         Wakeups::listen(&self.pool, MAX_POLL_INTERVAL).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_failures_are_unavailable_and_transient() {
+        let lost = || {
+            [
+                sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+                sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+                sqlx::Error::PoolTimedOut,
+                sqlx::Error::PoolClosed,
+            ]
+        };
+        for e in lost() {
+            let e = Error::from_sqlx(e);
+            assert!(e.is_transient(), "{e:?}");
+            let e = StoreError::from(e);
+            assert!(matches!(e, StoreError::Unavailable { .. }), "{e:?}");
+            assert!(e.is_transient());
+        }
+    }
+
+    #[test]
+    fn other_failures_are_backend_errors_with_their_source() {
+        let e = StoreError::from(Error::from_sqlx(sqlx::Error::RowNotFound));
+        assert!(
+            matches!(
+                e,
+                StoreError::Backend {
+                    backend: "postgres",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(!e.is_transient());
+        let source = std::error::Error::source(&e).map(ToString::to_string);
+        assert_eq!(source.as_deref(), Some("PostgreSQL statement failed"));
+        let e = StoreError::from(Error::OutOfRange {
+            field: "version",
+            value: u64::MAX.to_string(),
+        });
+        assert!(matches!(e, StoreError::Invalid { .. }), "{e:?}");
+    }
+}
