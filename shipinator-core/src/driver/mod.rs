@@ -1,1 +1,875 @@
 //! The async driver: the only code that spawns tasks or sleeps.
+//!
+//! A [`Driver`] owns an [`Orchestrator`] and runs its loop on tokio, in the manner of str0m's
+//! run loop: it waits for API requests, executor reports, side-effect results or the next
+//! deadline; feeds what arrived to [`Orchestrator::handle`]; commits every
+//! [`Command::Persist`] of the tick in one [`Store::commit`] fenced by its run leases; and only
+//! then carries out the side effects (submit, cancel, status checks), whose results come back
+//! as inputs. Because the store is written first (the outbox), a driver that stops at any point
+//! can be replaced by another that rebuilds every non-terminal run from the store and
+//! reconciles it with the executor.
+//!
+//! ```no_run
+//! # async fn demo(request: shipinator_core::orchestrator::RunRequest) -> Result<(), shipinator_core::driver::DriverError> {
+//! use std::sync::Arc;
+//! use shipinator_core::driver::{Driver, DriverConfig};
+//! use shipinator_core::memory::{InMemoryStore, MockExecutor};
+//!
+//! let driver = Driver::new(
+//!     Arc::new(InMemoryStore::new()),
+//!     Arc::new(MockExecutor::new()),
+//!     DriverConfig::default(),
+//! );
+//! let handle = driver.spawn();
+//! let run = handle.submit_run(request).await?;
+//! let finished = handle.wait_for_run(run).await?;
+//! println!("{} ended {}", finished.id, finished.status);
+//! handle.shutdown().await?;
+//! # Ok(()) }
+//! ```
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::domain::{PipelineRun, RunId, RunStatus};
+use crate::executor::{
+    ExecHandle, ExecutionReport, ExecutionState, Executor, ExecutorError, ReportStream,
+};
+use crate::orchestrator::{
+    Command, Input, Orchestrator, OrchestratorConfig, PlanError, RunDocument, RunRequest, new_run,
+    retry_run,
+};
+use crate::store::{
+    Batch, NewRun, RunEvent, RunEventKind, RunLease, RunRecord, Store, StoreError, Write,
+};
+use crate::time::Timestamp;
+
+/// Tuning of a [`Driver`].
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// This driver's lease owner name; unique per driver process.
+    pub owner: String,
+    /// How long a run lease lasts without renewal; renewed every third of it.
+    pub lease_ttl: Duration,
+    /// How often to claim runs no driver holds (orphans of a stopped driver).
+    pub claim_interval: Duration,
+    /// How often to poll `Executor::status` for running executions (the fallback for lost
+    /// reports).
+    pub poll_interval: Duration,
+    /// At most this many runs owned at once.
+    pub max_runs: u32,
+    /// First delay of the store-unavailable backoff (doubling up to 32 times that).
+    pub retry_backoff: Duration,
+    /// The orchestrator's configuration; its `executor_type` is taken from the executor.
+    pub orchestrator: OrchestratorConfig,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        Self {
+            owner: format!("driver-{}", uuid::Uuid::new_v4()),
+            lease_ttl: Duration::from_secs(30),
+            claim_interval: Duration::from_secs(5),
+            poll_interval: Duration::from_secs(10),
+            max_runs: 10_000,
+            retry_backoff: Duration::from_millis(50),
+            orchestrator: OrchestratorConfig::default(),
+        }
+    }
+}
+
+/// Errors of the driver's API.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DriverError {
+    /// The store refused or failed.
+    #[error("store error")]
+    Store(#[from] StoreError),
+    /// The run cannot be planned or retried.
+    #[error("cannot plan the run")]
+    Plan(#[from] PlanError),
+    /// The driver has stopped.
+    #[error("the driver has stopped")]
+    Stopped,
+}
+
+/// The driver's clock: wall-clock time at start plus `tokio::time` elapsed since, so paused
+/// test time moves it too.
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    base: Timestamp,
+    start: Instant,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            base: Timestamp::now(),
+            start: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Timestamp {
+        self.base + self.start.elapsed()
+    }
+
+    fn instant_of(&self, t: Timestamp) -> Instant {
+        let base_now = self.now();
+        Instant::now() + t.saturating_duration_since(base_now)
+    }
+}
+
+enum Msg {
+    Created(Box<NewRun>, Arc<RunDocument>),
+    Cancel(RunId),
+    Input(Input),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The async shell around an [`Orchestrator`]. Build it with [`Driver::new`], start it with
+/// [`Driver::spawn`].
+#[derive(Debug)]
+pub struct Driver {
+    store: Arc<dyn Store>,
+    executor: Arc<dyn Executor>,
+    config: DriverConfig,
+}
+
+/// A cloneable handle on a running [`Driver`].
+#[derive(Debug, Clone)]
+pub struct DriverHandle {
+    tx: mpsc::UnboundedSender<Msg>,
+    events: broadcast::Sender<RunEvent>,
+    store: Arc<dyn Store>,
+    clock: Clock,
+    poll_interval: Duration,
+    task: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Msg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Msg::Created(..) => "Created",
+            Msg::Cancel(_) => "Cancel",
+            Msg::Input(_) => "Input",
+            Msg::Shutdown(_) => "Shutdown",
+        })
+    }
+}
+
+impl Driver {
+    /// A driver over `store` and `executor`.
+    pub fn new(store: Arc<dyn Store>, executor: Arc<dyn Executor>, config: DriverConfig) -> Self {
+        Self {
+            store,
+            executor,
+            config,
+        }
+    }
+
+    /// Starts the driver's loop on the current tokio runtime. At start it claims every run no
+    /// driver holds, rebuilds each from the store and reconciles it with the executor.
+    ///
+    /// # Panics
+    /// Outside a tokio runtime (as `tokio::spawn` does).
+    pub fn spawn(self) -> DriverHandle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (fx_tx, fx_rx) = mpsc::unbounded_channel();
+        let (events, _) = broadcast::channel(4096);
+        let clock = Clock::new();
+        let mut orch_config = self.config.orchestrator.clone();
+        orch_config.executor_type = self.executor.kind().to_owned();
+        let poll_interval = self.config.poll_interval;
+        let store = Arc::clone(&self.store);
+        let state = Loop {
+            orch: Orchestrator::new(orch_config),
+            store: self.store,
+            executor: self.executor,
+            config: self.config,
+            clock,
+            rx,
+            fx_tx,
+            fx_rx,
+            events: events.clone(),
+            leases: HashMap::new(),
+            created: HashMap::new(),
+            pending_cancels: HashSet::new(),
+            reload: Vec::new(),
+            claim_now: true,
+        };
+        let reports = state.executor.reports();
+        let task = tokio::spawn(state.run(reports).instrument(tracing::info_span!("driver")));
+        DriverHandle {
+            tx,
+            events,
+            store,
+            clock,
+            poll_interval,
+            task: Arc::new(Mutex::new(Some(task))),
+        }
+    }
+}
+
+impl DriverHandle {
+    /// Plans and creates a run, then hands it to the driver (which claims it).
+    ///
+    /// # Errors
+    /// [`DriverError::Plan`] when the request cannot be planned; store errors from creating it.
+    pub async fn submit_run(&self, request: RunRequest) -> Result<RunId, DriverError> {
+        let id = RunId::new_v7();
+        let new = new_run(&request, id, self.clock.now())?;
+        self.create(new).await
+    }
+
+    /// Creates a run that retries the failed or cancelled run `original` from its failed
+    /// stage, reusing the artifacts of the stages that succeeded.
+    ///
+    /// # Errors
+    /// [`DriverError::Plan`] when the run cannot be retried; store errors.
+    pub async fn retry_run(
+        &self,
+        original: RunId,
+        requested_by: &str,
+    ) -> Result<RunId, DriverError> {
+        let record = self.store.load_run(original).await?;
+        let new = retry_run(&record, RunId::new_v7(), self.clock.now(), requested_by)?;
+        self.create(new).await
+    }
+
+    async fn create(&self, new: NewRun) -> Result<RunId, DriverError> {
+        let doc = Arc::new(RunDocument::from_run(&new.run)?);
+        self.store.create_run(&new).await?;
+        let id = new.run.id;
+        self.tx
+            .send(Msg::Created(Box::new(new), doc))
+            .map_err(|_| DriverError::Stopped)?;
+        Ok(id)
+    }
+
+    /// Asks to cancel a run. A run this driver does not own yet is cancelled when it claims it.
+    ///
+    /// # Errors
+    /// [`DriverError::Stopped`].
+    pub fn cancel_run(&self, run: RunId) -> Result<(), DriverError> {
+        self.tx
+            .send(Msg::Cancel(run))
+            .map_err(|_| DriverError::Stopped)
+    }
+
+    /// Feeds a report pushed by an executor (an HTTP callback).
+    ///
+    /// # Errors
+    /// [`DriverError::Stopped`].
+    pub fn report(&self, report: ExecutionReport) -> Result<(), DriverError> {
+        match report_input(report) {
+            Some(input) => self
+                .tx
+                .send(Msg::Input(input))
+                .map_err(|_| DriverError::Stopped),
+            None => Ok(()),
+        }
+    }
+
+    /// Run events, as committed by this driver.
+    pub fn subscribe(&self) -> broadcast::Receiver<RunEvent> {
+        self.events.subscribe()
+    }
+
+    /// Waits until the run is terminal and returns it (from the store, checked at each of the
+    /// run's terminal events and every poll interval).
+    ///
+    /// # Errors
+    /// Store errors other than `Unavailable` (which is retried).
+    pub async fn wait_for_run(&self, run: RunId) -> Result<PipelineRun, DriverError> {
+        let mut events = self.events.subscribe();
+        loop {
+            match self.store.get_run(run).await {
+                Ok(r) if r.status.is_terminal() => return Ok(r),
+                Ok(_) => {}
+                Err(e) if e.is_transient() => {}
+                Err(e) => return Err(e.into()),
+            }
+            let _ = tokio::time::timeout(self.poll_interval, async {
+                loop {
+                    match events.recv().await {
+                        Ok(RunEvent {
+                            run_id,
+                            kind: RunEventKind::RunChanged { status, .. },
+                            ..
+                        }) if run_id == run && status.is_terminal() => return,
+                        Ok(_) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => return,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
+    /// Stops the driver: handles what already arrived, commits it, releases every lease and
+    /// ends the loop. Executions keep running; the next driver adopts them.
+    ///
+    /// # Errors
+    /// [`DriverError::Stopped`] if it had already stopped.
+    pub async fn shutdown(&self) -> Result<(), DriverError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Msg::Shutdown(tx))
+            .map_err(|_| DriverError::Stopped)?;
+        rx.await.map_err(|_| DriverError::Stopped)?;
+        let task = self.task.lock().ok().and_then(|mut t| t.take());
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+
+    /// Stops the driver at once, committing and releasing nothing, as a crash would. Its
+    /// leases expire by themselves. Meant for tests of recovery.
+    pub fn abort(&self) {
+        if let Some(task) = self.task.lock().ok().and_then(|mut t| t.take()) {
+            task.abort();
+        }
+    }
+}
+
+fn report_input(report: ExecutionReport) -> Option<Input> {
+    let execution_id = report.execution_id;
+    match report.state {
+        ExecutionState::Pending => None,
+        ExecutionState::Running => Some(Input::ExecutionStarted {
+            execution_id,
+            external_id: None,
+        }),
+        ExecutionState::Finished(result) => Some(Input::ExecutionFinished {
+            execution_id,
+            result,
+        }),
+        ExecutionState::Canceled => Some(Input::ExecutionCanceled { execution_id }),
+        ExecutionState::Lost { reason } => Some(Input::ExecutionLost {
+            execution_id,
+            reason,
+        }),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+struct Loop {
+    orch: Orchestrator,
+    store: Arc<dyn Store>,
+    executor: Arc<dyn Executor>,
+    config: DriverConfig,
+    clock: Clock,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    fx_tx: mpsc::UnboundedSender<Input>,
+    fx_rx: mpsc::UnboundedReceiver<Input>,
+    events: broadcast::Sender<RunEvent>,
+    leases: HashMap<RunId, RunLease>,
+    /// Runs this driver created and has not claimed yet.
+    created: HashMap<RunId, (Box<NewRun>, Arc<RunDocument>)>,
+    /// Cancels asked for runs not owned (yet).
+    pending_cancels: HashSet<RunId>,
+    /// Runs to load again from the store (their rows changed under us).
+    reload: Vec<RunId>,
+    claim_now: bool,
+}
+
+/// At most this many inputs are handled per tick (one store commit).
+const MAX_TICK_INPUTS: usize = 4096;
+
+impl Loop {
+    async fn run(mut self, mut reports: Option<ReportStream>) {
+        let mut next_claim = Instant::now();
+        let mut next_renew = Instant::now() + self.config.lease_ttl / 3;
+        let mut next_poll = Instant::now() + self.config.poll_interval;
+        loop {
+            let now = Instant::now();
+            let mut inputs = Vec::new();
+            if self.claim_now || now >= next_claim {
+                self.claim_now = false;
+                next_claim = now + self.config.claim_interval;
+                inputs.extend(self.claim().await);
+            }
+            if now >= next_renew {
+                next_renew = now + self.config.lease_ttl / 3;
+                inputs.extend(self.renew().await);
+            }
+            if now >= next_poll {
+                next_poll = now + self.config.poll_interval;
+                self.poll_statuses();
+            }
+            for run in std::mem::take(&mut self.reload) {
+                if self.leases.contains_key(&run) {
+                    match self.store.load_run(run).await {
+                        Ok(record) => inputs.push(Input::RunLoaded {
+                            record: Box::new(record),
+                            document: None,
+                        }),
+                        Err(e) => {
+                            tracing::warn!(run_id = %run, error = %error_chain(&e), "cannot reload run");
+                            self.reload.push(run);
+                        }
+                    }
+                }
+            }
+            if inputs.is_empty() {
+                let mut wake = next_claim.min(next_renew).min(next_poll);
+                if let Some(t) = self.orch.poll_timeout() {
+                    wake = wake.min(self.clock.instant_of(t));
+                }
+                tokio::select! {
+                    msg = self.rx.recv() => match msg {
+                        None => {
+                            self.stop().await;
+                            return;
+                        }
+                        Some(Msg::Shutdown(done)) => {
+                            self.drain(&mut inputs);
+                            self.tick(inputs).await;
+                            self.stop().await;
+                            let _ = done.send(());
+                            return;
+                        }
+                        Some(msg) => self.accept(msg, &mut inputs),
+                    },
+                    Some(input) = self.fx_rx.recv() => inputs.push(input),
+                    Some(report) = next_report(&mut reports) => {
+                        inputs.extend(report_input(report));
+                    }
+                    () = tokio::time::sleep_until(wake) => {}
+                }
+            }
+            if self.drain(&mut inputs) {
+                self.tick(inputs).await;
+                self.stop().await;
+                return;
+            }
+            if let Some(t) = self.orch.poll_timeout()
+                && t <= self.clock.now()
+            {
+                inputs.push(Input::TimerFired);
+            }
+            self.tick(inputs).await;
+        }
+    }
+
+    /// Takes what is ready without waiting; true when a shutdown was asked.
+    fn drain(&mut self, inputs: &mut Vec<Input>) -> bool {
+        while inputs.len() < MAX_TICK_INPUTS {
+            match self.rx.try_recv() {
+                Ok(Msg::Shutdown(done)) => {
+                    let _ = done.send(());
+                    return true;
+                }
+                Ok(msg) => self.accept(msg, inputs),
+                Err(_) => break,
+            }
+        }
+        while inputs.len() < MAX_TICK_INPUTS {
+            match self.fx_rx.try_recv() {
+                Ok(input) => inputs.push(input),
+                Err(_) => break,
+            }
+        }
+        false
+    }
+
+    fn accept(&mut self, msg: Msg, inputs: &mut Vec<Input>) {
+        match msg {
+            Msg::Created(new, doc) => {
+                self.created.insert(new.run.id, (new, doc));
+                self.claim_now = true;
+            }
+            Msg::Cancel(run_id) => {
+                if self.orch.owns(run_id) {
+                    inputs.push(Input::CancelRequested { run_id });
+                } else {
+                    self.pending_cancels.insert(run_id);
+                }
+            }
+            Msg::Input(input) => inputs.push(input),
+            Msg::Shutdown(done) => {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    async fn claim(&mut self) -> Vec<Input> {
+        let owned = u32::try_from(self.leases.len()).unwrap_or(u32::MAX);
+        let limit = self.config.max_runs.saturating_sub(owned);
+        if limit == 0 {
+            return Vec::new();
+        }
+        let claimed = match self
+            .store
+            .claim_runs(&self.config.owner, self.config.lease_ttl, limit)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot claim runs");
+                self.claim_now = !self.created.is_empty();
+                return Vec::new();
+            }
+        };
+        let mut inputs = Vec::new();
+        for lease in claimed {
+            let run_id = lease.run_id;
+            self.leases.insert(run_id, lease);
+            let loaded = match self.created.remove(&run_id) {
+                Some((new, doc)) => Some((
+                    RunRecord {
+                        run: new.run,
+                        jobs: new.jobs,
+                        steps: new.steps,
+                        executions: Vec::new(),
+                        artifacts: Vec::new(),
+                    },
+                    Some(doc),
+                )),
+                None => match self.store.load_run(run_id).await {
+                    Ok(record) => Some((record, None)),
+                    Err(e) => {
+                        tracing::warn!(run_id = %run_id, error = %error_chain(&e), "cannot load claimed run");
+                        self.reload.push(run_id);
+                        None
+                    }
+                },
+            };
+            if let Some((record, document)) = loaded {
+                tracing::debug!(run_id = %run_id, status = %record.run.status, "run claimed");
+                inputs.push(Input::RunLoaded {
+                    record: Box::new(record),
+                    document,
+                });
+                if self.pending_cancels.remove(&run_id) {
+                    inputs.push(Input::CancelRequested { run_id });
+                }
+            }
+        }
+        // Created runs another driver claimed first are that driver's.
+        if !self.created.is_empty() {
+            let store = &self.store;
+            let mut gone = Vec::new();
+            for id in self.created.keys() {
+                if let Ok(run) = store.get_run(*id).await
+                    && run.status.is_terminal()
+                {
+                    gone.push(*id);
+                }
+            }
+            for id in gone {
+                self.created.remove(&id);
+            }
+        }
+        inputs
+    }
+
+    async fn renew(&mut self) -> Vec<Input> {
+        if self.leases.is_empty() {
+            return Vec::new();
+        }
+        let held: Vec<RunLease> = self.leases.values().cloned().collect();
+        match self.store.renew_leases(&held, self.config.lease_ttl).await {
+            Ok(renewed) => {
+                let kept: HashSet<RunId> = renewed.iter().map(|l| l.run_id).collect();
+                let mut inputs = Vec::new();
+                for l in held {
+                    if !kept.contains(&l.run_id) {
+                        tracing::warn!(run_id = %l.run_id, "lease lost; another driver owns the run");
+                        self.leases.remove(&l.run_id);
+                        inputs.push(Input::RunReleased { run_id: l.run_id });
+                    }
+                }
+                for l in renewed {
+                    self.leases.insert(l.run_id, l);
+                }
+                inputs
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot renew leases");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The fallback for lost reports: asks the executor about every running execution.
+    fn poll_statuses(&self) {
+        let handles = self.orch.active_executions();
+        if handles.is_empty() {
+            return;
+        }
+        let executor = Arc::clone(&self.executor);
+        let fx = self.fx_tx.clone();
+        tokio::spawn(async move {
+            for handle in handles {
+                if let Some(input) = check(&*executor, &handle).await
+                    && fx.send(input).is_err()
+                {
+                    return;
+                }
+            }
+        });
+    }
+
+    async fn tick(&mut self, inputs: Vec<Input>) {
+        if inputs.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        let mut persists: Vec<(RunId, Batch)> = Vec::new();
+        let mut effects = Vec::new();
+        for input in inputs {
+            for cmd in self.orch.handle(now, input) {
+                match cmd {
+                    Command::Persist { run_id, batch } => match persists.last_mut() {
+                        Some((r, b)) if *r == run_id => b.writes.extend(batch.writes),
+                        Some(_) | None => persists.push((run_id, batch)),
+                    },
+                    other => effects.push(other),
+                }
+            }
+        }
+        let failed = self.commit(persists).await;
+        for cmd in effects {
+            self.effect(cmd, &failed).await;
+        }
+    }
+
+    /// Commits the tick's batches as one, fenced; on a non-transient failure, run by run.
+    /// Returns the runs whose writes were not committed.
+    async fn commit(&mut self, persists: Vec<(RunId, Batch)>) -> HashSet<RunId> {
+        let mut failed = HashSet::new();
+        if persists.is_empty() {
+            return failed;
+        }
+        let mut merged = Batch::default();
+        let mut fenced = HashSet::new();
+        for (run, batch) in &persists {
+            if fenced.insert(*run)
+                && let Some(lease) = self.leases.get(run)
+            {
+                merged.fences.push(lease.fence());
+            }
+            merged.writes.extend(batch.writes.iter().cloned());
+        }
+        match self.commit_retrying(&merged).await {
+            Ok(()) => {
+                self.publish(&merged);
+                return failed;
+            }
+            Err(e) if persists.len() == 1 => {
+                let run = persists[0].0;
+                self.commit_failed(run, &e);
+                failed.insert(run);
+                return failed;
+            }
+            Err(_) => {}
+        }
+        for (run, mut batch) in persists {
+            if failed.contains(&run) {
+                continue;
+            }
+            batch.fences = self
+                .leases
+                .get(&run)
+                .map(|l| vec![l.fence()])
+                .unwrap_or_default();
+            match self.commit_retrying(&batch).await {
+                Ok(()) => self.publish(&batch),
+                Err(e) => {
+                    self.commit_failed(run, &e);
+                    failed.insert(run);
+                }
+            }
+        }
+        failed
+    }
+
+    async fn commit_retrying(&self, batch: &Batch) -> Result<(), StoreError> {
+        let mut delay = self.config.retry_backoff;
+        loop {
+            match self.store.commit(batch).await {
+                Err(e) if e.is_transient() => {
+                    tracing::warn!(error = %error_chain(&e), ?delay, "store unavailable; retrying the commit");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(self.config.retry_backoff * 32);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn commit_failed(&mut self, run_id: RunId, e: &StoreError) {
+        self.orch
+            .handle(self.clock.now(), Input::RunReleased { run_id });
+        match e {
+            StoreError::Fenced { .. }
+            | StoreError::LeaseLost { .. }
+            | StoreError::NotFound { .. } => {
+                tracing::warn!(run_id = %run_id, error = %error_chain(e), "run taken over; dropping it");
+                self.leases.remove(&run_id);
+            }
+            _ => {
+                tracing::warn!(run_id = %run_id, error = %error_chain(e), "commit failed; reloading the run");
+                self.reload.push(run_id);
+            }
+        }
+    }
+
+    fn publish(&self, batch: &Batch) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        for w in &batch.writes {
+            if let Write::AppendEvent(e) = w {
+                let _ = self.events.send(e.clone());
+            }
+        }
+    }
+
+    async fn effect(&mut self, cmd: Command, failed: &HashSet<RunId>) {
+        match cmd {
+            Command::Persist { .. } => {}
+            Command::Submit(spec) => {
+                if failed.contains(&spec.run_id) {
+                    return;
+                }
+                let executor = Arc::clone(&self.executor);
+                let fx = self.fx_tx.clone();
+                let backoff = self.config.retry_backoff;
+                let span = tracing::info_span!("submit", run_id = %spec.run_id, stage = %spec.stage, step = %spec.step_name, execution_id = %spec.execution_id, attempt = spec.attempt);
+                tokio::spawn(
+                    async move {
+                        let execution_id = spec.execution_id;
+                        let mut delay = backoff;
+                        let mut tries = 0;
+                        let input = loop {
+                            tries += 1;
+                            match executor.submit(&spec).await {
+                                Ok(handle) => {
+                                    break Input::ExecutionStarted {
+                                        execution_id,
+                                        external_id: Some(handle.external_id),
+                                    };
+                                }
+                                Err(ExecutorError::Unavailable { .. }) if tries < 4 => {
+                                    tokio::time::sleep(delay).await;
+                                    delay *= 2;
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %error_chain(&e), "submit failed");
+                                    break Input::ExecutionLost {
+                                        execution_id,
+                                        reason: format!("submit failed: {}", error_chain(&e)),
+                                    };
+                                }
+                            }
+                        };
+                        let _ = fx.send(input);
+                    }
+                    .instrument(span),
+                );
+            }
+            Command::Cancel { run_id, handle } => {
+                if failed.contains(&run_id) {
+                    return;
+                }
+                let executor = Arc::clone(&self.executor);
+                tokio::spawn(async move {
+                    if let Err(e) = executor.cancel(&handle).await {
+                        tracing::warn!(run_id = %run_id, execution_id = %handle.execution_id, error = %error_chain(&e), "cancel failed");
+                    }
+                });
+            }
+            Command::Check { run_id, handle } => {
+                if failed.contains(&run_id) {
+                    return;
+                }
+                let executor = Arc::clone(&self.executor);
+                let fx = self.fx_tx.clone();
+                tokio::spawn(async move {
+                    if let Some(input) = check(&*executor, &handle).await {
+                        let _ = fx.send(input);
+                    }
+                });
+            }
+            Command::RunEnded { run_id, status } => {
+                tracing::info!(run_id = %run_id, %status, "run ended");
+                if let Some(lease) = self.leases.remove(&run_id) {
+                    let store = Arc::clone(&self.store);
+                    tokio::spawn(async move {
+                        if let Err(e) = store.release_lease(&lease).await {
+                            tracing::debug!(run_id = %run_id, error = %error_chain(&e), "release failed");
+                        }
+                    });
+                }
+                let _: RunStatus = status;
+            }
+        }
+    }
+
+    async fn stop(&mut self) {
+        for (_, lease) in self.leases.drain() {
+            if let Err(e) = self.store.release_lease(&lease).await {
+                tracing::debug!(run_id = %lease.run_id, error = %error_chain(&e), "release failed");
+            }
+        }
+    }
+}
+
+async fn next_report(reports: &mut Option<ReportStream>) -> Option<ExecutionReport> {
+    match reports {
+        Some(stream) => match stream.next().await {
+            Some(r) => Some(r),
+            None => {
+                *reports = None;
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// One status check, as an input (`None` when the executor cannot say now).
+async fn check(executor: &dyn Executor, handle: &ExecHandle) -> Option<Input> {
+    let execution_id = handle.execution_id;
+    match executor.status(handle).await {
+        Ok(ExecutionState::Running | ExecutionState::Pending) => Some(Input::ExecutionStarted {
+            execution_id,
+            external_id: Some(handle.external_id.clone()).filter(|s| !s.is_empty()),
+        }),
+        Ok(state) => report_input(ExecutionReport {
+            execution_id,
+            state,
+        }),
+        Err(ExecutorError::NotFound { .. }) => Some(Input::ExecutionLost {
+            execution_id,
+            reason: "the executor does not know the execution".to_owned(),
+        }),
+        Err(e) => {
+            tracing::warn!(execution_id = %execution_id, error = %error_chain(&e), "status check failed");
+            None
+        }
+    }
+}

@@ -29,7 +29,7 @@
 //! code never is. A step whose execution passes its deadline (submission time plus the step's
 //! timeout) is cancelled and failed with "timed out after …".
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -142,9 +142,19 @@ pub enum Command {
     /// Submit an execution (idempotent: its id is derived from step and attempt).
     Submit(Box<ExecutionSpec>),
     /// Cancel an execution (the external id may be empty when it is not known yet).
-    Cancel(ExecHandle),
+    Cancel {
+        /// The run the execution belongs to.
+        run_id: RunId,
+        /// The execution.
+        handle: ExecHandle,
+    },
     /// Ask the executor for the execution's state and feed it back as an input.
-    Check(ExecHandle),
+    Check {
+        /// The run the execution belongs to.
+        run_id: RunId,
+        /// The execution.
+        handle: ExecHandle,
+    },
     /// The run reached a terminal status; the orchestrator has forgotten it.
     RunEnded {
         /// The run.
@@ -226,7 +236,7 @@ struct Index {
     deadlines: BTreeSet<(Timestamp, ExecutionId)>,
     /// Executions cancelled before their external id was known, whose run has ended: a later
     /// start report gets a second cancel with the real handle.
-    tombstones: HashSet<ExecutionId>,
+    tombstones: HashMap<ExecutionId, RunId>,
 }
 
 /// The writes and side effects of one run produced by one input.
@@ -370,12 +380,15 @@ impl Orchestrator {
             } => {
                 let Some(loc) = self.index.execs.get(&execution_id).copied() else {
                     if let Some(ext) = external_id
-                        && self.index.tombstones.remove(&execution_id)
+                        && let Some(run_id) = self.index.tombstones.remove(&execution_id)
                     {
-                        effects.push(Command::Cancel(ExecHandle {
-                            execution_id,
-                            external_id: ext,
-                        }));
+                        effects.push(Command::Cancel {
+                            run_id,
+                            handle: ExecHandle {
+                                execution_id,
+                                external_id: ext,
+                            },
+                        });
                     }
                     return effects;
                 };
@@ -521,7 +534,7 @@ impl Orchestrator {
                         self.index.deadlines.remove(&(d, e.id));
                     }
                     if e.status == Status::Canceled && e.external_id.is_empty() {
-                        self.index.tombstones.insert(e.id);
+                        self.index.tombstones.insert(e.id, run_id);
                     }
                 }
             }
@@ -571,10 +584,13 @@ impl Orchestrator {
                                 tx.effects.push(Command::Submit(Box::new(spec)));
                             }
                         } else {
-                            tx.effects.push(Command::Check(ExecHandle {
-                                execution_id: e.id,
-                                external_id: e.external_id.clone(),
-                            }));
+                            tx.effects.push(Command::Check {
+                                run_id,
+                                handle: ExecHandle {
+                                    execution_id: e.id,
+                                    external_id: e.external_id.clone(),
+                                },
+                            });
                         }
                     }
                 }
@@ -957,10 +973,13 @@ fn clear_deadline(idx: &mut Index, exec: &ExecState) {
 fn cancel_exec(idx: &mut Index, exec: &mut ExecState, tx: &mut Tx) {
     if exec_event(exec, WorkEvent::Cancel, None, None, tx) {
         clear_deadline(idx, exec);
-        tx.effects.push(Command::Cancel(ExecHandle {
-            execution_id: exec.id,
-            external_id: exec.external_id.clone(),
-        }));
+        tx.effects.push(Command::Cancel {
+            run_id: tx.run_id,
+            handle: ExecHandle {
+                execution_id: exec.id,
+                external_id: exec.external_id.clone(),
+            },
+        });
     }
 }
 
@@ -1147,10 +1166,13 @@ fn started(
             // cancel again with the real handle.
             if learned {
                 write_exec(exec, tx);
-                tx.effects.push(Command::Cancel(ExecHandle {
-                    execution_id,
-                    external_id: exec.external_id.clone(),
-                }));
+                tx.effects.push(Command::Cancel {
+                    run_id: tx.run_id,
+                    handle: ExecHandle {
+                        execution_id,
+                        external_id: exec.external_id.clone(),
+                    },
+                });
             }
         }
         Status::Succeeded | Status::Skipped => {}
@@ -1258,10 +1280,13 @@ fn timed_out(
     let failure = format!("timed out after {}", fmt_duration(limit));
     exec_event(exec, WorkEvent::Fail, None, Some(failure), tx);
     clear_deadline(idx, exec);
-    tx.effects.push(Command::Cancel(ExecHandle {
-        execution_id,
-        external_id: exec.external_id.clone(),
-    }));
+    tx.effects.push(Command::Cancel {
+        run_id: tx.run_id,
+        handle: ExecHandle {
+            execution_id,
+            external_id: exec.external_id.clone(),
+        },
+    });
     step_event(step, WorkEvent::Fail, tx);
     fail_job(idx, run, loc.job, tx);
 }

@@ -530,7 +530,7 @@ impl Sim {
                 }
             }
             Command::Submit(spec) => self.submit(*spec),
-            Command::Cancel(handle) => {
+            Command::Cancel { handle, .. } => {
                 self.cancels.push(handle.clone());
                 if let Some(e) = self.execs.get_mut(&handle.execution_id)
                     && e.phase == ExecPhase::Running
@@ -540,7 +540,7 @@ impl Sim {
                     self.report(Duration::ZERO, Input::ExecutionCanceled { execution_id });
                 }
             }
-            Command::Check(handle) => {
+            Command::Check { handle, .. } => {
                 let id = handle.execution_id;
                 let input = match self.execs.get(&id) {
                     None => Input::ExecutionLost {
@@ -1478,4 +1478,209 @@ fn a_run_with_an_unreadable_document_fails_instead_of_panicking() {
     sim.assert_clean();
     assert_eq!(sim.run_status(id).0, RunStatus::Failed);
     assert_eq!(sim.ended.get(&id), Some(&RunStatus::Failed));
+}
+
+/// The async driver over the in-memory store and the mock executor, in paused tokio time.
+#[cfg(feature = "driver")]
+mod driver {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{full_spec, request};
+    use crate::domain::{RunPhase, RunStatus, Status, Trigger};
+    use crate::driver::{Driver, DriverConfig, DriverHandle};
+    use crate::executor::Executor;
+    use crate::memory::{
+        InMemoryArtifactStore, InMemoryStore, ManualClock, MockExecutor, MockStep,
+    };
+    use crate::store::{RunEventKind, Store};
+    use crate::time::Timestamp;
+
+    fn config(owner: &str) -> DriverConfig {
+        DriverConfig {
+            owner: owner.to_owned(),
+            lease_ttl: Duration::from_secs(30),
+            claim_interval: Duration::from_secs(2),
+            poll_interval: Duration::from_secs(3),
+            ..DriverConfig::default()
+        }
+    }
+
+    /// A store holding the project, repository and pipeline `request` refers to.
+    async fn seeded(store: InMemoryStore) -> Arc<dyn Store> {
+        use crate::domain::{Pipeline, PipelineId, Project, ProjectId, Repository, RepositoryId};
+        let now = Timestamp::from_unix_micros(1_800_000_000_000_000);
+        let project = Project {
+            id: ProjectId::new_v7(),
+            name: "demo".to_owned(),
+            description: None,
+            created_at: now,
+            updated_at: now,
+        };
+        let repository = Repository {
+            id: RepositoryId::new_v7(),
+            project_id: project.id,
+            vcs_provider: "git".to_owned(),
+            clone_url: "file:///srv/git/app.git".to_owned(),
+            default_branch: "main".to_owned(),
+            created_at: now,
+            updated_at: now,
+        };
+        let pipeline = Pipeline {
+            id: PipelineId::from_uuid(uuid::Uuid::from_u128(7)),
+            repository_id: repository.id,
+            name: "app".to_owned(),
+            trigger_type: Trigger::Push,
+            source_spec: String::new(),
+            created_at: now,
+            updated_at: now,
+        };
+        store.create_project(&project).await.unwrap();
+        store.create_repository(&repository).await.unwrap();
+        store.create_pipeline(&pipeline).await.unwrap();
+        Arc::new(store)
+    }
+
+    fn spawn(store: &Arc<dyn Store>, executor: Arc<dyn Executor>, owner: &str) -> DriverHandle {
+        Driver::new(Arc::clone(store), executor, config(owner)).spawn()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_a_pipeline_end_to_end() {
+        let store = seeded(InMemoryStore::new()).await;
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        executor.set_default(MockStep::succeed().with_duration(Duration::from_secs(2)));
+        let driver = spawn(&store, Arc::new(executor.clone()), "a");
+        let mut events = driver.subscribe();
+        let run = driver
+            .submit_run(request(full_spec(), Trigger::Push, "main"))
+            .await
+            .unwrap();
+        let done = driver.wait_for_run(run).await.unwrap();
+        assert_eq!(
+            (done.status, done.phase),
+            (RunStatus::Success, RunPhase::Deployed)
+        );
+        let record = store.load_run(run).await.unwrap();
+        assert!(record.steps.iter().all(|s| s.status == Status::Succeeded));
+        assert!(
+            record
+                .executions
+                .iter()
+                .all(|e| e.status == Status::Succeeded && e.executor_type == "mock")
+        );
+        let names: Vec<String> = executor
+            .specs()
+            .iter()
+            .map(|s| s.step_name.clone())
+            .collect();
+        assert_eq!(names, ["go-build", "chart", "unit", "lint", "deploy"]);
+        let deploy = executor.specs().pop().unwrap();
+        let chart = record
+            .artifacts
+            .iter()
+            .find(|a| a.artifact_type == crate::domain::ArtifactType::HelmChart)
+            .unwrap();
+        assert_eq!(deploy.inputs[0].id, chart.id);
+        let mut saw_terminal = false;
+        while let Ok(e) = events.try_recv() {
+            if let RunEventKind::RunChanged { status, .. } = e.kind {
+                saw_terminal |= status == RunStatus::Success;
+            }
+        }
+        assert!(saw_terminal, "subscribers see the run end");
+        driver.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn cancel_and_infra_retry_through_the_driver() {
+        let store = seeded(InMemoryStore::new()).await;
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        executor.script_attempt("go-build", 1, MockStep::lost("node went away"));
+        executor.script("unit", MockStep::hang());
+        let driver = spawn(&store, Arc::new(executor.clone()), "a");
+        let run = driver
+            .submit_run(request(full_spec(), Trigger::Pr, "feature/x"))
+            .await
+            .unwrap();
+        // Wait (in paused time) until `unit` runs, then cancel.
+        for _ in 0..1000 {
+            if executor.specs().iter().any(|s| s.step_name == "unit") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        driver.cancel_run(run).unwrap();
+        let done = driver.wait_for_run(run).await.unwrap();
+        assert_eq!(
+            (done.status, done.phase),
+            (RunStatus::Canceled, RunPhase::Testing)
+        );
+        let record = store.load_run(run).await.unwrap();
+        let attempts: Vec<(u32, Status)> = record
+            .executions
+            .iter()
+            .filter(|e| e.job_step_id == record.steps[0].id)
+            .map(|e| (e.attempt, e.status))
+            .collect();
+        assert_eq!(attempts, [(1, Status::Failed), (2, Status::Succeeded)]);
+        for _ in 0..100 {
+            if executor.running().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(executor.running().is_empty(), "cancel reached the executor");
+        driver.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_driver_resumes_a_crashed_drivers_run() {
+        let clock = ManualClock::new(Timestamp::from_unix_micros(1_800_000_000_000_000));
+        let store = seeded(InMemoryStore::with_clock(clock.as_clock())).await;
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        executor.set_default(MockStep::succeed().with_duration(Duration::from_secs(10)));
+        let first = spawn(&store, Arc::new(executor.clone()), "a");
+        let run = first
+            .submit_run(request(full_spec(), Trigger::Push, "main"))
+            .await
+            .unwrap();
+        // Crash once `go-build` is recorded succeeded and `chart` was submitted.
+        for _ in 0..1000 {
+            let rec = store.load_run(run).await.unwrap();
+            if rec.steps[0].status == Status::Succeeded
+                && executor.specs().iter().any(|s| s.step_name == "chart")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        first.abort();
+        assert_eq!(store.get_run(run).await.unwrap().status, RunStatus::Running);
+        // The crashed driver's lease expires by the store's clock; another driver takes over.
+        clock.advance(Duration::from_secs(31));
+        let second = spawn(&store, Arc::new(executor.restart()), "b");
+        let done = second.wait_for_run(run).await.unwrap();
+        assert_eq!(
+            (done.status, done.phase),
+            (RunStatus::Success, RunPhase::Deployed)
+        );
+        let go_builds = executor
+            .specs()
+            .iter()
+            .filter(|s| s.step_name == "go-build")
+            .count();
+        assert_eq!(go_builds, 1, "a succeeded step is never submitted again");
+        let record = store.load_run(run).await.unwrap();
+        assert!(
+            record
+                .executions
+                .iter()
+                .all(|e| e.status == Status::Succeeded)
+        );
+        second.shutdown().await.unwrap();
+    }
 }
