@@ -362,6 +362,11 @@ pub(super) struct Sim {
     pub(super) ended: BTreeMap<RunId, RunStatus>,
     pub(super) violations: Vec<String>,
     next_run: u128,
+    /// The last report delivered (for duplicate-delivery tests).
+    pub(super) last_report: Option<Input>,
+    /// Whether the executor was polled since the last progress (the driver's status-polling
+    /// fallback, done once per quiet period).
+    polled: bool,
 }
 
 impl Sim {
@@ -382,6 +387,8 @@ impl Sim {
             ended: BTreeMap::new(),
             violations: Vec::new(),
             next_run: 1,
+            last_report: None,
+            polled: false,
         }
     }
 
@@ -484,6 +491,20 @@ impl Sim {
         }
         let next_report = self.reports.keys().next().copied();
         let timer = self.orch.poll_timeout();
+        if next_report.is_none() && !self.polled {
+            // Quiet: poll the executor about every active execution, as the driver does.
+            self.polled = true;
+            let active = self.orch.active_executions();
+            if !active.is_empty() {
+                for handle in active {
+                    self.execute(Command::Check {
+                        run_id: RunId::from_uuid(Uuid::nil()),
+                        handle,
+                    });
+                }
+                return true;
+            }
+        }
         match (next_report, timer) {
             (None, None) => false,
             (Some((t, seq)), timer) if timer.is_none_or(|d| t <= d) => {
@@ -496,11 +517,16 @@ impl Sim {
                 {
                     e.phase = ExecPhase::Done;
                 }
+                if !matches!(input, Input::ExecutionStarted { .. }) {
+                    self.polled = false;
+                }
+                self.last_report = Some(input.clone());
                 self.input(input);
                 true
             }
             (_, Some(d)) => {
                 self.now = self.now.max(d);
+                self.polled = false;
                 self.input(Input::TimerFired);
                 true
             }
