@@ -22,8 +22,9 @@ pub const DEFAULT_LOG_CAP: u64 = 10 << 20;
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// One index record is kept for every this many lines.
 const INDEX_EVERY: u64 = 256;
-/// Bytes per index record: the line's `seq` and its byte offset, both little-endian `u64`.
-const INDEX_RECORD: u64 = 16;
+/// Bytes per index record: the line's `seq`, its byte offset and the bytes of text stored
+/// before it, each a little-endian `u64`.
+const INDEX_RECORD: u64 = 24;
 /// Lines a follower reads at once.
 const FOLLOW_BATCH: usize = 1000;
 /// How the truncation notice starts; only ever written as a `System` line.
@@ -34,7 +35,7 @@ const TRUNCATION_PREFIX: &str = "[shipinator] log truncated";
 /// # Layout
 /// ```text
 /// <base>/logs/<execution-id>.log      one JSON object per line: {"seq","at","stream","text"}
-/// <base>/logs/<execution-id>.idx      every 256th line's seq and byte offset (16 bytes each)
+/// <base>/logs/<execution-id>.idx      every 256th line's seq, byte offset and text bytes before it
 /// <base>/logs/<execution-id>.closed   present once the log is closed
 /// <base>/logs/<execution-id>.deleted  present once the log is deleted (reads are NotFound)
 /// ```
@@ -48,7 +49,8 @@ const TRUNCATION_PREFIX: &str = "[shipinator] log truncated";
 /// appends and `close` from other processes within the poll interval (200 ms by default).
 ///
 /// # Cap
-/// Each execution's log keeps at most `cap` bytes of stored lines (10 MiB by default). The line
+/// Each execution's log keeps at most `cap` bytes of line text (10 MiB by default; the JSON
+/// framing on disk adds about 70 bytes per line). The line
 /// that would cross it is replaced by one `System` line saying so, and later lines are dropped
 /// (reported as `truncated`, without order checks).
 #[derive(Debug, Clone)]
@@ -150,8 +152,19 @@ impl FsLogStore {
 #[derive(Debug, Clone, Copy)]
 struct Tail {
     next_seq: u64,
-    bytes: u64,
+    /// Where the next line goes.
+    end: u64,
+    /// Bytes of text stored.
+    text: u64,
     truncated: bool,
+}
+
+/// Where to start scanning: a line's seq, its byte offset and the text bytes before it.
+#[derive(Debug, Clone, Copy, Default)]
+struct Mark {
+    seq: u64,
+    offset: u64,
+    text: u64,
 }
 
 impl Inner {
@@ -181,11 +194,11 @@ impl Inner {
 
     /// The byte offset to start scanning from to find `seq`: the closest index record at or
     /// before it, checked against the log (an index that does not match is ignored).
-    fn seek_offset(&self, id: ExecutionId, log: &mut File, seq: u64) -> Result<(u64, u64), Error> {
+    fn seek_offset(&self, id: ExecutionId, log: &mut File, seq: u64) -> Result<Mark, Error> {
         let idx_path = self.path(id, "idx");
         let mut idx = match File::open(&idx_path) {
             Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok((0, 0)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Mark::default()),
             Err(e) => return Err(Error::io("open", &idx_path, e)),
         };
         let records = idx
@@ -204,12 +217,15 @@ impl Inner {
             idx.seek(SeekFrom::Start(k * INDEX_RECORD))
                 .and_then(|_| idx.read_exact(&mut rec))
                 .map_err(|e| Error::io("read", &idx_path, e))?;
-            let (s, o) = split_record(&rec);
-            if s == k * INDEX_EVERY && o < log_len && self.line_at(id, log, o)? == Some(s) {
-                return Ok((s, o));
+            let m = split_record(&rec);
+            if m.seq == k * INDEX_EVERY
+                && m.offset < log_len
+                && self.line_at(id, log, m.offset)? == Some(m.seq)
+            {
+                return Ok(m);
             }
         }
-        Ok((0, 0))
+        Ok(Mark::default())
     }
 
     /// The `seq` of the complete line starting at `offset`, if there is one.
@@ -243,8 +259,8 @@ impl Inner {
         if limit == 0 {
             return Ok(out);
         }
-        let (_, offset) = self.seek_offset(id, &mut log, from_seq)?;
-        self.scan(id, &mut log, offset, |line, _| {
+        let mark = self.seek_offset(id, &mut log, from_seq)?;
+        self.scan(id, &mut log, mark.offset, |line, _| {
             if line.seq >= from_seq {
                 out.push(line);
             }
@@ -328,16 +344,23 @@ impl Inner {
         let mut records = idx_len / INDEX_RECORD;
 
         // Find the tail: scan from the last good index record.
-        let (mut next_seq, start) = self.seek_offset(id, &mut log, u64::MAX)?;
-        let mut end = start;
+        let mark = self.seek_offset(id, &mut log, u64::MAX)?;
+        let mut next_seq = mark.seq;
+        let mut end = mark.offset;
+        let mut text = mark.text;
         let mut last: Option<LogLine> = None;
         let mut missing = Vec::new();
-        let mut prev = start;
-        self.scan(id, &mut log, start, |line, after| {
+        self.scan(id, &mut log, mark.offset, |line, after| {
             if line.seq % INDEX_EVERY == 0 && line.seq / INDEX_EVERY >= records {
-                missing.push((line.seq, prev));
+                missing.push(Mark {
+                    seq: line.seq,
+                    offset: end,
+                    text,
+                });
             }
-            prev = after;
+            if line.stream != LogStream::System || !line.text.starts_with(TRUNCATION_PREFIX) {
+                text += line.text.len() as u64;
+            }
             next_seq = line.seq + 1;
             end = after;
             last = Some(line);
@@ -353,9 +376,9 @@ impl Inner {
                 .map_err(|e| Error::io("truncate", &path, e))?;
         }
         let mut index_out = Vec::new();
-        for (seq, off) in missing {
-            if seq / INDEX_EVERY == records {
-                index_out.extend_from_slice(&record(seq, off));
+        for m in missing {
+            if m.seq / INDEX_EVERY == records {
+                index_out.extend_from_slice(&record(m));
                 records += 1;
             }
         }
@@ -364,7 +387,8 @@ impl Inner {
         });
         let mut tail = Tail {
             next_seq,
-            bytes: end,
+            end,
+            text,
             truncated,
         };
 
@@ -408,21 +432,16 @@ impl Inner {
             }
         }
         let mut out = Vec::new();
-        let mut offset = tail.bytes;
+        let mut offset = tail.end;
         for line in fresh {
-            let mut text = serde_json::to_vec(line).map_err(|source| Error::LogFormat {
-                id,
-                offset,
-                source,
-            })?;
-            text.push(b'\n');
-            let (seq, text) = if offset + text.len() as u64 > self.cap {
+            let text_before = tail.text;
+            let (seq, text) = if tail.text + line.text.len() as u64 > self.cap {
                 let notice = LogLine {
                     seq: tail.next_seq,
                     at: line.at,
                     stream: LogStream::System,
                     text: format!(
-                        "{TRUNCATION_PREFIX}: it reached the cap of {} bytes; later lines are dropped",
+                        "{TRUNCATION_PREFIX}: it reached the cap of {} bytes of text; later lines are dropped",
                         self.cap
                     ),
                 };
@@ -435,11 +454,22 @@ impl Inner {
                 tail.truncated = true;
                 (notice.seq, t)
             } else {
+                let mut text = serde_json::to_vec(line).map_err(|source| Error::LogFormat {
+                    id,
+                    offset,
+                    source,
+                })?;
+                text.push(b'\n');
                 outcome.written += 1;
+                tail.text += line.text.len() as u64;
                 (line.seq, text)
             };
             if seq % INDEX_EVERY == 0 && seq / INDEX_EVERY == *records {
-                index_out.extend_from_slice(&record(seq, offset));
+                index_out.extend_from_slice(&record(Mark {
+                    seq,
+                    offset,
+                    text: text_before,
+                }));
                 *records += 1;
             }
             offset += text.len() as u64;
@@ -451,7 +481,7 @@ impl Inner {
         }
         log.write_all(&out)
             .map_err(|e| Error::io("write", &path, e))?;
-        tail.bytes = offset;
+        tail.end = offset;
         outcome.next_seq = tail.next_seq;
         outcome.truncated = tail.truncated;
         Ok(outcome)
@@ -485,19 +515,25 @@ impl Inner {
     }
 }
 
-fn record(seq: u64, offset: u64) -> [u8; INDEX_RECORD as usize] {
+fn record(m: Mark) -> [u8; INDEX_RECORD as usize] {
     let mut r = [0u8; INDEX_RECORD as usize];
-    r[..8].copy_from_slice(&seq.to_le_bytes());
-    r[8..].copy_from_slice(&offset.to_le_bytes());
+    r[..8].copy_from_slice(&m.seq.to_le_bytes());
+    r[8..16].copy_from_slice(&m.offset.to_le_bytes());
+    r[16..].copy_from_slice(&m.text.to_le_bytes());
     r
 }
 
-fn split_record(r: &[u8; INDEX_RECORD as usize]) -> (u64, u64) {
-    let mut a = [0u8; 8];
-    let mut b = [0u8; 8];
-    a.copy_from_slice(&r[..8]);
-    b.copy_from_slice(&r[8..]);
-    (u64::from_le_bytes(a), u64::from_le_bytes(b))
+fn split_record(r: &[u8; INDEX_RECORD as usize]) -> Mark {
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&r[i * 8..i * 8 + 8]);
+        u64::from_le_bytes(w)
+    };
+    Mark {
+        seq: word(0),
+        offset: word(1),
+        text: word(2),
+    }
 }
 
 /// Where a follower is.

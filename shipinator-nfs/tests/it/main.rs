@@ -4,6 +4,8 @@
 // Test helpers and fixtures panic on setup failures, like the tests themselves.
 #![allow(clippy::unwrap_used)]
 
+mod bench;
+mod conformance;
 mod fs_store;
 mod logs;
 #[cfg(feature = "s3")]

@@ -6,6 +6,8 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use crate::cli::EXIT_USAGE;
 
+mod artifacts;
+
 /// Which store a benchmark runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub(crate) enum BenchStore {
@@ -62,7 +64,8 @@ pub(crate) struct ArtifactsArgs {
 
 pub(crate) fn run(cmd: BenchCommand) -> u8 {
     match cmd {
-        BenchCommand::Engine(_) | BenchCommand::Artifacts(_) => {
+        BenchCommand::Artifacts(args) => artifacts::run(&args),
+        BenchCommand::Engine(_) => {
             eprintln!("bench: not implemented yet");
             EXIT_USAGE
         }
