@@ -1,1 +1,43 @@
-//! Shipinator k8s adapter (skeleton: filled in by its issue).
+//! Shipinator's Kubernetes executor: each execution is one `batch/v1` Job.
+//!
+//! - **Submit** creates a Job named `shipinator-<execution-id>` (a retried submit adopts the
+//!   existing Job after checking its labels and execution-id annotation), `backoffLimit: 0`
+//!   (retries belong to the engine), `activeDeadlineSeconds` = step timeout + grace.
+//! - **The work** runs in the step's own image: an init container copies the `shipinator`
+//!   binary from the worker image into an `emptyDir`, and the step container runs
+//!   `/shipinator/bin/shipinator worker --execution <id>`, which reads the spec from
+//!   `SHIPINATOR_EXECUTION_SPEC` (JSON), works in `/workspace` (the stage's directory on the
+//!   shared workspace claim) and calls `SHIPINATOR_SERVER` back with
+//!   `SHIPINATOR_EXECUTION_TOKEN`.
+//! - **Status** comes from watches of the executor's Jobs and pods (label
+//!   `app.kubernetes.io/managed-by=shipinator`), so steady-state polling costs no requests:
+//!   Complete → finished with exit 0; Failed → finished with the step container's exit code;
+//!   DeadlineExceeded → finished with failure "timed out" (exit code of the container if it
+//!   terminated, else -1); an evicted, preempted or deleted pod, a lost node, a deleted Job,
+//!   a malformed Job object or an image that cannot be pulled within a bound → `Lost`, which
+//!   the engine retries.
+//! - **Restart**: the watches relist and report executions that finished meanwhile;
+//!   [`K8sExecutor::adopt`] lists them explicitly and [`K8sExecutor::sweep_orphans`] deletes
+//!   the Jobs of terminal runs.
+//! - **Deploys** run in the executions namespace with the target's service account, once the
+//!   deploy namespace is on the target's allow-list.
+//!
+//! # Features
+//! - `rustls-tls` (default): TLS to the API server with rustls.
+
+mod config;
+mod error;
+mod executor;
+mod manifest;
+mod status;
+
+pub use config::{
+    ClusterSource, DEFAULT_TARGET, K8sConfig, Resources, TargetConfig, Toleration, WorkspaceVolume,
+};
+pub use error::Error;
+pub use executor::{K8sExecutor, K8sExecutorBuilder, TokenProvider};
+pub use manifest::{
+    ATTEMPT_LABEL, EXECUTION_ANNOTATION, EXECUTION_LABEL, JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
+    MAX_SPEC_BYTES, RUN_LABEL, SERVER_ENV, SPEC_ENV, STEP_CONTAINER, STEP_LABEL, TOKEN_ENV,
+    WORKER_PATH, WORKSPACE_PATH, job_manifest, job_name,
+};

@@ -1,0 +1,287 @@
+//! The Job manifest of an execution: pure, so it is snapshot-tested.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::batch::v1::{Job, JobSpec};
+use k8s_openapi::api::core::v1::{
+    Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaimVolumeSource, PodSpec,
+    PodTemplateSpec, ResourceRequirements, Toleration as K8sToleration, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use shipinator_core::domain::{ExecutionId, JobType};
+use shipinator_core::executor::ExecutionSpec;
+
+use crate::config::{DEFAULT_TARGET, K8sConfig};
+use crate::error::Error;
+
+/// Label naming the manager of every Job the executor creates.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Its value.
+pub const MANAGED_BY: &str = "shipinator";
+/// Label with the run id.
+pub const RUN_LABEL: &str = "shipinator.dev/run";
+/// Label with the job (stage) id.
+pub const JOB_LABEL: &str = "shipinator.dev/job";
+/// Label with the step id.
+pub const STEP_LABEL: &str = "shipinator.dev/step";
+/// Label with the attempt number.
+pub const ATTEMPT_LABEL: &str = "shipinator.dev/attempt";
+/// Label with the execution id.
+pub const EXECUTION_LABEL: &str = "shipinator.dev/execution";
+/// Annotation with the execution id: ownership is checked against it, never by name alone.
+pub const EXECUTION_ANNOTATION: &str = "shipinator.dev/execution-id";
+
+/// Name of the step container.
+pub const STEP_CONTAINER: &str = "step";
+/// Where the worker binary is installed in every pod.
+pub const WORKER_PATH: &str = "/shipinator/bin/shipinator";
+/// Where the workspace is mounted.
+pub const WORKSPACE_PATH: &str = "/workspace";
+/// Env var holding the JSON `ExecutionSpec` for the worker.
+pub const SPEC_ENV: &str = "SHIPINATOR_EXECUTION_SPEC";
+/// Env var with the server URL.
+pub const SERVER_ENV: &str = "SHIPINATOR_SERVER";
+/// Env var with the per-execution token.
+pub const TOKEN_ENV: &str = "SHIPINATOR_EXECUTION_TOKEN";
+/// The serialized spec must stay well below the API server's request limit (~1.5 MiB).
+pub const MAX_SPEC_BYTES: usize = 256 * 1024;
+
+/// The deterministic Job name of an execution: `shipinator-<execution-id>` (47 characters,
+/// a valid DNS label and label value).
+pub fn job_name(id: ExecutionId) -> String {
+    format!("shipinator-{id}")
+}
+
+/// The Job of one execution. `token` is the per-execution callback token, if any.
+///
+/// # Errors
+/// [`Error::Rejected`] when the spec cannot run here: no image, a deploy to a namespace its
+/// target does not allow, a spec too large for an env var.
+pub fn job_manifest(
+    cfg: &K8sConfig,
+    spec: &ExecutionSpec,
+    token: Option<&str>,
+) -> Result<Job, Error> {
+    let name = job_name(spec.execution_id);
+    let rejected = |reason: String| Error::Rejected {
+        id: spec.execution_id,
+        reason,
+    };
+    let is_deploy = spec.stage == JobType::Deploy;
+    let mut service_account = cfg.service_account.clone();
+    if is_deploy {
+        let target_name = spec
+            .env
+            .get("SHIPINATOR_DEPLOY_TARGET")
+            .map_or(DEFAULT_TARGET, String::as_str);
+        let target = cfg
+            .targets
+            .get(target_name)
+            .ok_or_else(|| rejected(format!("deploy target '{target_name}' is not configured")))?;
+        let namespace = spec
+            .env
+            .get("SHIPINATOR_DEPLOY_NAMESPACE")
+            .map_or("", String::as_str);
+        if !target.namespaces.iter().any(|n| n == namespace) {
+            return Err(rejected(format!(
+                "namespace '{namespace}' is not allowed for target '{target_name}'"
+            )));
+        }
+        service_account.clone_from(&target.service_account);
+    }
+    let image = spec
+        .image
+        .clone()
+        .or_else(|| {
+            if is_deploy {
+                cfg.deploy_image.clone()
+            } else {
+                cfg.default_image.clone()
+            }
+        })
+        .ok_or_else(|| {
+            rejected("the step names no image and no default is configured".to_owned())
+        })?;
+    let spec_json = serde_json::to_string(spec).map_err(|e| rejected(format!("spec: {e}")))?;
+    if spec_json.len() > MAX_SPEC_BYTES {
+        return Err(rejected(format!(
+            "the execution spec is {} bytes, more than {MAX_SPEC_BYTES}",
+            spec_json.len()
+        )));
+    }
+
+    let labels = BTreeMap::from([
+        (MANAGED_BY_LABEL.to_owned(), MANAGED_BY.to_owned()),
+        (RUN_LABEL.to_owned(), spec.run_id.to_string()),
+        (JOB_LABEL.to_owned(), spec.job_id.to_string()),
+        (STEP_LABEL.to_owned(), spec.step_id.to_string()),
+        (ATTEMPT_LABEL.to_owned(), spec.attempt.to_string()),
+        (EXECUTION_LABEL.to_owned(), spec.execution_id.to_string()),
+    ]);
+    let annotations = BTreeMap::from([(
+        EXECUTION_ANNOTATION.to_owned(),
+        spec.execution_id.to_string(),
+    )]);
+
+    let mut env: Vec<EnvVar> = spec
+        .env
+        .iter()
+        .filter(|(k, _)| k.as_str() != TOKEN_ENV)
+        .map(|(k, v)| env_var(k, v))
+        .collect();
+    env.push(env_var(SERVER_ENV, &cfg.callback_url));
+    if let Some(token) = token.or_else(|| spec.env.get(TOKEN_ENV).map(String::as_str)) {
+        env.push(env_var(TOKEN_ENV, token));
+    }
+    env.push(env_var("SHIPINATOR_WORKSPACE", WORKSPACE_PATH));
+    env.push(env_var(SPEC_ENV, &spec_json));
+
+    let workspace_volume = match &cfg.workspace {
+        Some(w) => Volume {
+            name: "workspace".to_owned(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: w.claim_name.clone(),
+                read_only: None,
+            }),
+            ..Volume::default()
+        },
+        None => Volume {
+            name: "workspace".to_owned(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    };
+    let sub_path = cfg.workspace.as_ref().map(|w| {
+        if w.sub_path_prefix.is_empty() {
+            spec.workspace.key.clone()
+        } else {
+            format!(
+                "{}/{}",
+                w.sub_path_prefix.trim_end_matches('/'),
+                spec.workspace.key
+            )
+        }
+    });
+    let bin_mount = VolumeMount {
+        name: "shipinator-bin".to_owned(),
+        mount_path: "/shipinator/bin".to_owned(),
+        ..VolumeMount::default()
+    };
+    let init = Container {
+        name: "install-worker".to_owned(),
+        image: Some(cfg.worker_image.clone()),
+        command: Some(vec![
+            "cp".to_owned(),
+            cfg.worker_binary.clone(),
+            WORKER_PATH.to_owned(),
+        ]),
+        volume_mounts: Some(vec![bin_mount.clone()]),
+        ..Container::default()
+    };
+    let quantities = |m: &BTreeMap<String, String>| {
+        (!m.is_empty()).then(|| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), Quantity(v.clone())))
+                .collect::<BTreeMap<_, _>>()
+        })
+    };
+    let resources =
+        (!cfg.resources.requests.is_empty() || !cfg.resources.limits.is_empty()).then(|| {
+            ResourceRequirements {
+                requests: quantities(&cfg.resources.requests),
+                limits: quantities(&cfg.resources.limits),
+                ..ResourceRequirements::default()
+            }
+        });
+    let step = Container {
+        name: STEP_CONTAINER.to_owned(),
+        image: Some(image),
+        command: Some(vec![
+            WORKER_PATH.to_owned(),
+            "worker".to_owned(),
+            "--execution".to_owned(),
+            spec.execution_id.to_string(),
+        ]),
+        working_dir: Some(WORKSPACE_PATH.to_owned()),
+        env: Some(env),
+        resources,
+        volume_mounts: Some(vec![
+            bin_mount,
+            VolumeMount {
+                name: "workspace".to_owned(),
+                mount_path: WORKSPACE_PATH.to_owned(),
+                sub_path,
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    };
+    let tolerations: Vec<K8sToleration> = cfg
+        .tolerations
+        .iter()
+        .map(|t| K8sToleration {
+            key: t.key.clone(),
+            operator: t.operator.clone(),
+            value: t.value.clone(),
+            effect: t.effect.clone(),
+            toleration_seconds: None,
+        })
+        .collect();
+    let active_deadline_seconds = spec.timeout.map(|t| {
+        let secs = t.saturating_add(cfg.deadline_grace).as_secs().max(1);
+        i64::try_from(secs).unwrap_or(i64::MAX)
+    });
+    Ok(Job {
+        metadata: ObjectMeta {
+            name: Some(name),
+            namespace: Some(cfg.namespace.clone()),
+            labels: Some(labels.clone()),
+            annotations: Some(annotations.clone()),
+            ..ObjectMeta::default()
+        },
+        spec: Some(JobSpec {
+            backoff_limit: Some(0),
+            completions: Some(1),
+            parallelism: Some(1),
+            active_deadline_seconds,
+            ttl_seconds_after_finished: Some(cfg.ttl_seconds_after_finished),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels),
+                    annotations: Some(annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(PodSpec {
+                    restart_policy: Some("Never".to_owned()),
+                    service_account_name: service_account,
+                    automount_service_account_token: Some(is_deploy),
+                    init_containers: Some(vec![init]),
+                    containers: vec![step],
+                    node_selector: (!cfg.node_selector.is_empty())
+                        .then(|| cfg.node_selector.clone()),
+                    tolerations: (!tolerations.is_empty()).then_some(tolerations),
+                    volumes: Some(vec![
+                        Volume {
+                            name: "shipinator-bin".to_owned(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Volume::default()
+                        },
+                        workspace_volume,
+                    ]),
+                    ..PodSpec::default()
+                }),
+            },
+            ..JobSpec::default()
+        }),
+        status: None,
+    })
+}
+
+fn env_var(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        value_from: None,
+    }
+}

@@ -1,0 +1,173 @@
+//! Job conditions and pod state → the generic execution state. Pure.
+
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use shipinator_core::domain::ExecutionId;
+use shipinator_core::executor::{ExecutionResult, ExecutionState};
+use shipinator_core::logs::logs_uri;
+
+use crate::manifest::STEP_CONTAINER;
+
+/// Waiting reasons of a container whose image cannot be pulled.
+const PULL_ERRORS: &[&str] = &["ErrImagePull", "ImagePullBackOff", "InvalidImageName"];
+
+/// What a Job and its pods say.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Observed {
+    /// A state the executor can report as is.
+    State(ExecutionState),
+    /// Not terminal yet, but the image has not been pulled: lost once this lasts too long.
+    PullFailing(String),
+    /// The Job failed; the pods are needed to tell a user failure from a lost pod.
+    NeedPods,
+}
+
+fn finished(id: ExecutionId, exit_code: i32, failure: Option<String>) -> ExecutionState {
+    ExecutionState::Finished(ExecutionResult {
+        exit_code,
+        logs_uri: Some(logs_uri(id)),
+        artifacts: Vec::new(),
+        failure,
+    })
+}
+
+fn condition<'a>(
+    job: &'a Job,
+    kind: &str,
+) -> Option<&'a k8s_openapi::api::batch::v1::JobCondition> {
+    job.status
+        .as_ref()?
+        .conditions
+        .as_ref()?
+        .iter()
+        .find(|c| c.type_ == kind && c.status == "True")
+}
+
+fn step_terminated(pod: &Pod) -> Option<&ContainerStateTerminated> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find(|c| c.name == STEP_CONTAINER)?
+        .state
+        .as_ref()?
+        .terminated
+        .as_ref()
+}
+
+/// Why a pod was lost (evicted, preempted, its node gone, deleted), if it was.
+fn pod_lost(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref();
+    if let Some(reason) = status.and_then(|s| s.reason.as_deref())
+        && matches!(
+            reason,
+            "Evicted" | "NodeLost" | "Preempting" | "Shutdown" | "Terminated"
+        )
+    {
+        let msg = status.and_then(|s| s.message.as_deref()).unwrap_or("");
+        return Some(
+            format!("pod {}: {reason} {msg}", name(pod))
+                .trim_end()
+                .to_owned(),
+        );
+    }
+    if let Some(c) = status.and_then(|s| s.conditions.as_ref()).and_then(|cs| {
+        cs.iter()
+            .find(|c| c.type_ == "DisruptionTarget" && c.status == "True")
+    }) {
+        return Some(format!(
+            "pod {} disrupted: {}",
+            name(pod),
+            c.reason.as_deref().unwrap_or("unknown reason")
+        ));
+    }
+    if status.and_then(|s| s.phase.as_deref()) == Some("Unknown") {
+        return Some(format!("pod {}: node lost contact", name(pod)));
+    }
+    None
+}
+
+fn name(pod: &Pod) -> &str {
+    pod.metadata.name.as_deref().unwrap_or("?")
+}
+
+/// The state of an execution from its Job and the pods seen for it (`pods` is `None` when
+/// they are not known).
+pub(crate) fn observe(id: ExecutionId, job: &Job, pods: Option<&[Pod]>) -> Observed {
+    let exit_of = |pods: &[Pod]| pods.iter().find_map(step_terminated).map(|t| t.exit_code);
+    if condition(job, "Complete").is_some()
+        || job.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0
+    {
+        return Observed::State(finished(id, 0, None));
+    }
+    if let Some(failed) = condition(job, "Failed") {
+        let reason = failed.reason.as_deref().unwrap_or("");
+        if reason == "DeadlineExceeded" {
+            // The worker enforces the step timeout itself; the Job deadline is the backstop.
+            // Exit code from the step container when it terminated, else -1.
+            let code = pods.and_then(exit_of).unwrap_or(-1);
+            return Observed::State(finished(
+                id,
+                if code == 0 { -1 } else { code },
+                Some("timed out: the job exceeded its active deadline".to_owned()),
+            ));
+        }
+        let Some(pods) = pods else {
+            return Observed::NeedPods;
+        };
+        if let Some(lost) = pods.iter().find_map(pod_lost) {
+            return Observed::State(ExecutionState::Lost { reason: lost });
+        }
+        return match exit_of(pods) {
+            Some(0) | None if pods.iter().any(|p| p.metadata.deletion_timestamp.is_some()) => {
+                Observed::State(ExecutionState::Lost {
+                    reason: "the pod was deleted".to_owned(),
+                })
+            }
+            Some(code) if code != 0 => Observed::State(finished(id, code, None)),
+            Some(_) | None => Observed::State(ExecutionState::Lost {
+                reason: format!(
+                    "job failed ({reason}) without a terminated step container: the pod was deleted or lost"
+                ),
+            }),
+        };
+    }
+    let pods = pods.unwrap_or(&[]);
+    if let Some(lost) = pods.iter().find_map(pod_lost) {
+        return Observed::State(ExecutionState::Lost { reason: lost });
+    }
+    let waiting_on_pull = pods.iter().find_map(|p| {
+        let statuses = p.status.as_ref()?;
+        statuses
+            .init_container_statuses
+            .iter()
+            .chain(statuses.container_statuses.iter())
+            .flatten()
+            .find_map(|c| {
+                let w = c.state.as_ref()?.waiting.as_ref()?;
+                let r = w.reason.as_deref()?;
+                PULL_ERRORS.contains(&r).then(|| {
+                    format!(
+                        "container {} cannot pull its image: {r} {}",
+                        c.name,
+                        w.message.as_deref().unwrap_or("")
+                    )
+                    .trim_end()
+                    .to_owned()
+                })
+            })
+    });
+    if let Some(reason) = waiting_on_pull {
+        return Observed::PullFailing(reason);
+    }
+    let running = pods
+        .iter()
+        .any(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+        || job.status.as_ref().and_then(|s| s.ready).unwrap_or(0) > 0;
+    Observed::State(if running {
+        ExecutionState::Running
+    } else {
+        ExecutionState::Pending
+    })
+}

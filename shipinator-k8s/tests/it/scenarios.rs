@@ -1,0 +1,385 @@
+//! Failure scenarios: timeouts, foreign objects, restarts, lost pods, dropped watches,
+//! malformed objects, and the request budget.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use shipinator_core::domain::ExecutionId;
+use shipinator_core::executor::{
+    ExecHandle, ExecutionState, Executor, ExecutorError, ReportStream,
+};
+use shipinator_k8s::{K8sExecutor, job_name};
+
+use crate::fake_api::{FakeApi, Kind};
+use crate::{executor_on, executor_with, spec};
+
+const BOUND: Duration = Duration::from_secs(60);
+
+/// Polls `status` until `done` holds (bounded).
+async fn wait_until(
+    ex: &K8sExecutor,
+    h: &ExecHandle,
+    done: impl Fn(&ExecutionState) -> bool,
+) -> anyhow::Result<ExecutionState> {
+    let deadline = tokio::time::Instant::now() + BOUND;
+    loop {
+        let s = ex.status(h).await?;
+        if done(&s) {
+            return Ok(s);
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "last state {s:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn running(s: &ExecutionState) -> bool {
+    matches!(s, ExecutionState::Running)
+}
+
+fn exit(s: &ExecutionState) -> Option<i32> {
+    match s {
+        ExecutionState::Finished(r) => Some(r.exit_code),
+        _ => None,
+    }
+}
+
+/// Terminal reports for every id in `want` (bounded).
+async fn terminal_reports(
+    reports: &mut ReportStream,
+    want: &HashSet<ExecutionId>,
+) -> anyhow::Result<HashMap<ExecutionId, ExecutionState>> {
+    let mut got = HashMap::new();
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while !want.iter().all(|id| got.contains_key(id)) {
+        let next = tokio::time::timeout_at(deadline, reports.next()).await;
+        let Ok(Some(r)) = next else {
+            anyhow::bail!("missing reports: {} of {}", got.len(), want.len());
+        };
+        if want.contains(&r.execution_id) && r.state.is_terminal() {
+            anyhow::ensure!(
+                got.insert(r.execution_id, r.state).is_none(),
+                "an execution was reported twice"
+            );
+        }
+    }
+    Ok(got)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_failed_after_storing_is_adopted_on_retry() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_on(&api)?;
+    let s = spec("run");
+    api.fail_next_create(500);
+    let first = ex.submit(&s).await;
+    assert!(
+        matches!(first, Err(ExecutorError::Unavailable { .. })),
+        "{first:?}"
+    );
+    let h = ex.submit(&s).await?;
+    assert_eq!(h.external_id, job_name(s.execution_id));
+    assert_eq!(api.names(Kind::Job), vec![job_name(s.execution_id)]);
+
+    // A gateway timeout is retried by the client; its retry meets 409 and adopts.
+    let s2 = spec("run");
+    api.fail_next_create(504);
+    let h2 = ex.submit(&s2).await?;
+    assert_eq!(h2.external_id, job_name(s2.execution_id));
+    assert_eq!(api.names(Kind::Job).len(), 2, "no duplicate job");
+    wait_until(&ex, &h2, running).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_job_with_the_same_name_is_an_ownership_error() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_on(&api)?;
+    let s = spec("run");
+    let name = job_name(s.execution_id);
+    let foreign = json!({
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": "ci", "labels": {"app": "someone-else"}},
+        "spec": {"template": {"spec": {"containers": [{"name": "x", "image": "nginx"}]}}}
+    });
+    api.put(Kind::Job, foreign.clone());
+    let err = ex.submit(&s).await;
+    assert!(
+        matches!(err, Err(ExecutorError::Ownership { .. })),
+        "{err:?}"
+    );
+
+    // Our label, but another execution's annotation: still not ours.
+    let s2 = spec("run");
+    let name2 = job_name(s2.execution_id);
+    api.put(
+        Kind::Job,
+        json!({
+            "apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": name2, "namespace": "ci",
+                "labels": {"app.kubernetes.io/managed-by": "shipinator"},
+                "annotations": {"shipinator.dev/execution-id": s.execution_id.to_string()}},
+            "spec": {"template": {"spec": {"containers": [{"name": "x", "image": "nginx"}]}}}
+        }),
+    );
+    let err = ex.submit(&s2).await;
+    assert!(
+        matches!(err, Err(ExecutorError::Ownership { .. })),
+        "{err:?}"
+    );
+
+    assert!(api.deletes().is_empty(), "nothing deleted");
+    let kept = api
+        .object(Kind::Job, &name)
+        .map(|v| v["metadata"]["labels"].clone());
+    assert_eq!(
+        kept,
+        Some(foreign["metadata"]["labels"].clone()),
+        "nothing adopted"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_restart_while_20_jobs_run_adopts_them_all() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let specs: Vec<_> = (0..20).map(|_| spec("run")).collect();
+    {
+        let ex = executor_on(&api)?;
+        for s in &specs {
+            ex.submit(s).await?;
+        }
+    }
+    // While no executor runs, 7 succeed and 3 fail.
+    for s in &specs[..7] {
+        api.finish(&job_name(s.execution_id), 0);
+    }
+    for s in &specs[7..10] {
+        api.finish(&job_name(s.execution_id), 2);
+    }
+    let ex = executor_on(&api)?;
+    let Some(mut reports) = ex.reports() else {
+        anyhow::bail!("no reports");
+    };
+    let adopted = ex.adopt().await?;
+    let ids: HashSet<_> = adopted.iter().map(|(h, _)| h.execution_id).collect();
+    assert_eq!(adopted.len(), 20);
+    assert_eq!(ids.len(), 20, "no duplicates");
+    let finished: Vec<_> = adopted.iter().filter_map(|(_, s)| exit(s)).collect();
+    assert_eq!(finished.iter().filter(|c| **c == 0).count(), 7);
+    assert_eq!(finished.iter().filter(|c| **c == 2).count(), 3);
+    for s in &specs {
+        ex.submit(s).await?;
+    }
+    assert_eq!(
+        api.requests().get("POST jobs"),
+        Some(&20),
+        "resubmits adopt"
+    );
+    assert_eq!(api.names(Kind::Job).len(), 20);
+
+    let done: HashSet<_> = specs[..10].iter().map(|s| s.execution_id).collect();
+    let got = terminal_reports(&mut reports, &done).await?;
+    assert_eq!(
+        got.len(),
+        10,
+        "the jobs that finished meanwhile are all recorded"
+    );
+    for s in &specs[10..] {
+        api.finish(&job_name(s.execution_id), 0);
+    }
+    let rest: HashSet<_> = specs[10..].iter().map(|s| s.execution_id).collect();
+    let got = terminal_reports(&mut reports, &rest).await?;
+    assert!(got.values().all(|s| exit(s) == Some(0)));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evicted_or_deleted_pod_is_lost() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_on(&api)?;
+    for evict in [true, false] {
+        let s = spec("run");
+        let h = ex.submit(&s).await?;
+        wait_until(&ex, &h, running).await?;
+        if evict {
+            api.evict(&h.external_id);
+        } else {
+            api.delete_pod(&h.external_id);
+        }
+        let state = wait_until(&ex, &h, ExecutionState::is_terminal).await?;
+        assert!(
+            matches!(state, ExecutionState::Lost { .. }),
+            "evict {evict}: {state:?}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_completion_is_missed_across_a_dropped_watch_or_410() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_on(&api)?;
+    let Some(mut reports) = ex.reports() else {
+        anyhow::bail!("no reports");
+    };
+    // Dropped stream: the watcher rewatches from its resourceVersion.
+    let a = ex.submit(&spec("run")).await?;
+    wait_until(&ex, &a, running).await?;
+    api.drop_watches();
+    api.finish(&a.external_id, 0);
+    let got = terminal_reports(&mut reports, &HashSet::from([a.execution_id])).await?;
+    assert_eq!(got.get(&a.execution_id).and_then(exit), Some(0));
+
+    // Partition, completion, compaction: the rewatch gets 410 Gone and relists.
+    let b = ex.submit(&spec("run")).await?;
+    wait_until(&ex, &b, running).await?;
+    api.hold_watches();
+    api.finish(&b.external_id, 3);
+    api.compact();
+    api.release_watches();
+    let got = terminal_reports(&mut reports, &HashSet::from([b.execution_id])).await?;
+    assert_eq!(got.get(&b.execution_id).and_then(exit), Some(3));
+    assert!(
+        api.requests().get("GONE jobs").copied().unwrap_or(0) >= 1,
+        "the 410 path ran: {:?}",
+        api.requests()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_job_fails_only_its_execution() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_on(&api)?;
+    let hs = [
+        ex.submit(&spec("run")).await?,
+        ex.submit(&spec("run")).await?,
+    ];
+    for h in &hs {
+        wait_until(&ex, h, running).await?;
+    }
+    // Our label without an execution annotation: ignored.
+    api.put(
+        Kind::Job,
+        json!({"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": {"name": "stray", "labels": {"app.kubernetes.io/managed-by": "shipinator"}},
+            "spec": 17}),
+    );
+    let Some(mut bad) = api.object(Kind::Job, &hs[0].external_id) else {
+        anyhow::bail!("job missing");
+    };
+    bad["status"]["conditions"] = json!("not a list");
+    bad["spec"]["backoffLimit"] = json!({"nested": true});
+    api.put(Kind::Job, bad);
+    let state = wait_until(&ex, &hs[0], ExecutionState::is_terminal).await?;
+    assert!(
+        matches!(state, ExecutionState::Lost { ref reason } if reason.contains("malformed")),
+        "{state:?}"
+    );
+    assert!(running(&ex.status(&hs[1]).await?));
+    api.finish(&hs[1].external_id, 0);
+    let state = wait_until(&ex, &hs[1], ExecutionState::is_terminal).await?;
+    assert_eq!(exit(&state), Some(0));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_and_deadlines() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_on(&api)?;
+    let h = ex.submit(&spec("fail:3")).await?;
+    let state = wait_until(&ex, &h, ExecutionState::is_terminal).await?;
+    let ExecutionState::Finished(r) = state else {
+        anyhow::bail!("{state:?}");
+    };
+    assert_eq!((r.exit_code, r.failure), (3, None));
+
+    let h = ex.submit(&spec("deadline")).await?;
+    let state = wait_until(&ex, &h, ExecutionState::is_terminal).await?;
+    let ExecutionState::Finished(r) = state else {
+        anyhow::bail!("{state:?}");
+    };
+    assert_eq!(r.exit_code, 137);
+    assert!(r.failure.is_some_and(|f| f.contains("timed out")));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_that_cannot_be_pulled_past_the_bound_is_lost() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_with(&api, |b| b.image_pull_bound(Duration::ZERO))?;
+    let h = ex.submit(&spec("pull")).await?;
+    let state = wait_until(&ex, &h, ExecutionState::is_terminal).await?;
+    assert!(
+        matches!(state, ExecutionState::Lost { ref reason } if reason.contains("pull")),
+        "{state:?}"
+    );
+    let deadline = tokio::time::Instant::now() + BOUND;
+    while api.object(Kind::Job, &h.external_id).is_some() {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "job not deleted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_deletes_with_background_propagation() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_on(&api)?;
+    let h = ex.submit(&spec("run")).await?;
+    ex.cancel(&h).await?;
+    assert_eq!(ex.status(&h).await?, ExecutionState::Canceled);
+    assert_eq!(
+        api.deletes(),
+        vec![(h.external_id.clone(), Some("Background".to_owned()))]
+    );
+    assert!(api.names(Kind::Pod).is_empty(), "pods deleted with the job");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_orphan_sweep_deletes_jobs_of_terminal_runs() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_on(&api)?;
+    let a = spec("run");
+    let b = spec("run");
+    ex.submit(&a).await?;
+    ex.submit(&b).await?;
+    let done = a.run_id;
+    assert_eq!(ex.sweep_orphans(|run| run == done).await?, 1);
+    assert_eq!(api.names(Kind::Job), vec![job_name(b.execution_id)]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn steady_state_costs_at_most_1_25_requests_per_job() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_on(&api)?;
+    let Some(mut reports) = ex.reports() else {
+        anyhow::bail!("no reports");
+    };
+    let n = 200;
+    let mut handles = Vec::new();
+    for _ in 0..n {
+        handles.push(ex.submit(&spec("succeed")).await?);
+    }
+    let ids: HashSet<_> = handles.iter().map(|h| h.execution_id).collect();
+    terminal_reports(&mut reports, &ids).await?;
+    for h in &handles {
+        assert_eq!(exit(&ex.status(h).await?), Some(0));
+    }
+    let total = api.total_requests();
+    let per_job = total as f64 / f64::from(n);
+    println!(
+        "{total} requests for {n} jobs: {per_job:.3} per job ({:?})",
+        api.requests()
+    );
+    assert!(
+        per_job <= 1.25,
+        "{per_job} requests per job: {:?}",
+        api.requests()
+    );
+    Ok(())
+}
