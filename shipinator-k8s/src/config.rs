@@ -110,6 +110,8 @@ pub struct K8sConfig {
     pub image_pull_bound: Duration,
     /// Deploy targets by name.
     pub targets: BTreeMap<String, TargetConfig>,
+    /// Client-side limit on API requests per second (the long-lived watches excepted).
+    pub max_requests_per_second: Option<u32>,
 }
 
 impl Default for K8sConfig {
@@ -131,6 +133,7 @@ impl Default for K8sConfig {
             deadline_grace: Duration::from_secs(600),
             image_pull_bound: Duration::from_secs(300),
             targets: BTreeMap::new(),
+            max_requests_per_second: None,
         }
     }
 }

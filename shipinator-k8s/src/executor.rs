@@ -136,6 +136,13 @@ impl K8sExecutorBuilder {
         self
     }
 
+    /// Client-side limit on API requests per second (watches excepted).
+    #[must_use]
+    pub fn throttle(mut self, requests_per_second: u32) -> Self {
+        self.config.max_requests_per_second = Some(requests_per_second);
+        self
+    }
+
     /// How long an image may fail to pull before the execution is lost.
     #[must_use]
     pub fn image_pull_bound(mut self, bound: Duration) -> Self {
@@ -170,11 +177,13 @@ impl K8sExecutorBuilder {
         let job_res = ApiResource::erase::<Job>(&());
         let pod_res = ApiResource::erase::<Pod>(&());
         let (reports, report_rx) = mpsc::unbounded_channel();
+        let throttle = Throttle::new(self.config.max_requests_per_second);
         let shared = Arc::new(Shared {
             jobs: Api::namespaced(self.client.clone(), &ns),
             pods: Api::namespaced(self.client.clone(), &ns),
             config: self.config,
             cache: Mutex::new(Cache::default()),
+            throttle,
             reports,
             report_rx: Mutex::new(Some(report_rx)),
         });
@@ -232,6 +241,7 @@ struct Shared {
     jobs: Api<Job>,
     pods: Api<Pod>,
     cache: Mutex<Cache>,
+    throttle: Throttle,
     reports: mpsc::UnboundedSender<ExecutionReport>,
     /// Taken by [`Executor::reports`]; reports wait here until then.
     report_rx: Mutex<Option<mpsc::UnboundedReceiver<ExecutionReport>>>,
@@ -332,6 +342,7 @@ impl Shared {
 
     async fn list_pods(&self, id: ExecutionId) -> Result<Vec<Pod>, Error> {
         let lp = ListParams::default().labels(&format!("{EXECUTION_LABEL}={id}"));
+        self.throttle.permit().await;
         let list = self.pods.list(&lp).await.map_err(Error::api("list pods"))?;
         Ok(list.items)
     }
@@ -391,6 +402,7 @@ impl Shared {
                 if since.elapsed() >= self.config.image_pull_bound {
                     let state = self.record(id, ExecutionState::Lost { reason });
                     // The Job would back off until its deadline: delete it.
+                    self.throttle.permit().await;
                     if let Err(e) = self
                         .jobs
                         .delete(&job_name(id), &DeleteParams::background())
@@ -492,6 +504,7 @@ async fn watch_jobs(shared: Arc<Shared>, api: Api<DynamicObject>) {
                 // A Job missing from the relist may have been created after the list was
                 // served (a submit racing the relist): confirm before declaring it gone.
                 for id in gone {
+                    shared.throttle.permit().await;
                     match shared.jobs.get_opt(&job_name(id)).await {
                         Ok(Some(_)) => {}
                         Ok(None) => shared.job_gone(id),
@@ -575,6 +588,12 @@ impl K8sExecutor {
         K8sExecutorBuilder::new(client)
     }
 
+    /// API requests this executor issued outside its two long-lived watches (creates,
+    /// gets, lists, deletes, log reads); each took a permit of the client-side throttle.
+    pub fn api_requests(&self) -> u64 {
+        self.inner.shared.throttle.issued()
+    }
+
     /// The settings in use.
     pub fn config(&self) -> &K8sConfig {
         &self.inner.shared.config
@@ -601,6 +620,7 @@ impl K8sExecutor {
             &shared.config.namespace,
             &ApiResource::erase::<Job>(&()),
         );
+        shared.throttle.permit().await;
         let list = api
             .list(&ListParams::default().labels(&label_selector()))
             .await
@@ -630,6 +650,7 @@ impl K8sExecutor {
         is_terminal: impl Fn(RunId) -> bool + Send,
     ) -> Result<usize, ExecutorError> {
         let shared = &self.inner.shared;
+        shared.throttle.permit().await;
         let list = shared
             .jobs
             .list_metadata(&ListParams::default().labels(&label_selector()))
@@ -649,6 +670,7 @@ impl K8sExecutor {
             if meta.metadata.deletion_timestamp.is_some() || !is_terminal(run) {
                 continue;
             }
+            shared.throttle.permit().await;
             match shared.jobs.delete(&name, &DeleteParams::background()).await {
                 Ok(_) => deleted += 1,
                 Err(e) if api_code(&e) == Some(404) => {}
@@ -660,6 +682,7 @@ impl K8sExecutor {
 
     async fn get_owned(&self, id: ExecutionId) -> Result<Option<Job>, Error> {
         let name = job_name(id);
+        self.inner.shared.throttle.permit().await;
         match self.inner.shared.jobs.get_opt(&name).await {
             Ok(None) => Ok(None),
             Ok(Some(job)) => match ownership_problem(id, &job) {
@@ -723,6 +746,7 @@ impl Executor for K8sExecutor {
             }
         }
         let job = self.job_for(spec)?;
+        self.inner.shared.throttle.permit().await;
         match self
             .inner
             .shared
@@ -757,6 +781,7 @@ impl Executor for K8sExecutor {
             return Ok(());
         }
         self.inner.shared.cache().canceled.insert(id);
+        self.inner.shared.throttle.permit().await;
         match self
             .inner
             .shared
@@ -804,6 +829,7 @@ impl Executor for K8sExecutor {
             follow: !terminal,
             ..LogParams::default()
         };
+        shared.throttle.permit().await;
         let reader = shared
             .pods
             .log_stream(&pod, &params)
@@ -835,5 +861,44 @@ impl Executor for K8sExecutor {
         Some(Box::pin(futures_util::stream::unfold(rx, |mut rx| async {
             rx.recv().await.map(|r| (r, rx))
         })))
+    }
+}
+
+/// A client-side rate limit: one permit every `1/q` seconds, no burst beyond one.
+#[derive(Debug)]
+struct Throttle {
+    interval: Option<Duration>,
+    next: tokio::sync::Mutex<Instant>,
+    issued: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    fn new(per_second: Option<u32>) -> Self {
+        Self {
+            interval: per_second
+                .filter(|q| *q > 0)
+                .map(|q| Duration::from_secs(1) / q),
+            next: tokio::sync::Mutex::new(Instant::now()),
+            issued: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    async fn permit(&self) {
+        self.issued
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(interval) = self.interval else {
+            return;
+        };
+        let slot = {
+            let mut next = self.next.lock().await;
+            let slot = (*next).max(Instant::now());
+            *next = slot + interval;
+            slot
+        };
+        tokio::time::sleep_until(slot).await;
+    }
+
+    fn issued(&self) -> u64 {
+        self.issued.load(std::sync::atomic::Ordering::Relaxed)
     }
 }

@@ -360,7 +360,7 @@ async fn steady_state_costs_at_most_1_25_requests_per_job() -> anyhow::Result<()
     let Some(mut reports) = ex.reports() else {
         anyhow::bail!("no reports");
     };
-    let n = 200;
+    let n: u32 = 200;
     let mut handles = Vec::new();
     for _ in 0..n {
         handles.push(ex.submit(&spec("succeed")).await?);
@@ -370,6 +370,11 @@ async fn steady_state_costs_at_most_1_25_requests_per_job() -> anyhow::Result<()
     for h in &handles {
         assert_eq!(exit(&ex.status(h).await?), Some(0));
     }
+    assert_eq!(
+        ex.api_requests(),
+        u64::from(n),
+        "one request per submission"
+    );
     let total = api.total_requests();
     let per_job = total as f64 / f64::from(n);
     println!(
@@ -381,5 +386,42 @@ async fn steady_state_costs_at_most_1_25_requests_per_job() -> anyhow::Result<()
         "{per_job} requests per job: {:?}",
         api.requests()
     );
+    Ok(())
+}
+
+/// With the client throttled to q requests/s, each submission takes at most 1.25 permits, so
+/// the submission rate is at least q / 1.25 = 0.8 q Jobs/s. The permits are counted (the
+/// bound); the measured rate is printed, not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throttled_submission_rate_is_bounded_by_permits_per_job() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let q = 20;
+    let ex = executor_with(&api, |b| b.throttle(q))?;
+    let Some(mut reports) = ex.reports() else {
+        anyhow::bail!("no reports");
+    };
+    let n: u32 = 100;
+    let before = ex.api_requests();
+    let started = std::time::Instant::now();
+    // The engine submits the ready steps of many runs at once.
+    let specs: Vec<_> = (0..n).map(|_| spec("succeed")).collect();
+    let handles: Vec<_> = futures_util::stream::iter(specs.iter().map(|s| ex.submit(s)))
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    let mut ids = HashSet::new();
+    for h in handles {
+        ids.insert(h?.execution_id);
+    }
+    let elapsed = started.elapsed();
+    let permits = ex.api_requests() - before;
+    terminal_reports(&mut reports, &ids).await?;
+    let per_job = permits as f64 / f64::from(n);
+    println!(
+        "throttle {q} req/s: {n} jobs in {elapsed:?} = {:.1} jobs/s (bound 0.8 q = {:.1}); {per_job:.3} permits per job",
+        f64::from(n) / elapsed.as_secs_f64(),
+        0.8 * f64::from(q)
+    );
+    assert!(per_job <= 1.25, "{per_job} permits per job");
     Ok(())
 }
