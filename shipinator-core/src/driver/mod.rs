@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::domain::{PipelineRun, RunId, RunStatus};
+use crate::domain::{PipelineRun, RunId};
 use crate::executor::{
     ExecHandle, ExecutionReport, ExecutionState, Executor, ExecutorError, ReportStream,
 };
@@ -46,9 +46,7 @@ use crate::orchestrator::{
     Command, Input, Orchestrator, OrchestratorConfig, PlanError, RunDocument, RunRequest, new_run,
     retry_run,
 };
-use crate::store::{
-    Batch, NewRun, RunEvent, RunEventKind, RunLease, RunRecord, Store, StoreError, Write,
-};
+use crate::store::{Batch, NewRun, RunEvent, RunLease, RunRecord, Store, StoreError, Write};
 use crate::time::Timestamp;
 
 /// Tuning of a [`Driver`].
@@ -130,6 +128,8 @@ enum Msg {
     Created(Box<NewRun>, Arc<RunDocument>),
     Cancel(RunId),
     Input(Input),
+    /// Notify when the run ends; answered `false` at once when this driver does not own it.
+    Wait(RunId, oneshot::Sender<bool>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -159,6 +159,7 @@ impl std::fmt::Debug for Msg {
             Msg::Created(..) => "Created",
             Msg::Cancel(_) => "Cancel",
             Msg::Input(_) => "Input",
+            Msg::Wait(..) => "Wait",
             Msg::Shutdown(_) => "Shutdown",
         })
     }
@@ -203,6 +204,7 @@ impl Driver {
             pending_cancels: HashSet::new(),
             reload: Vec::new(),
             claim_now: true,
+            waiters: HashMap::new(),
         };
         let reports = state.executor.reports();
         let task = tokio::spawn(state.run(reports).instrument(tracing::info_span!("driver")));
@@ -282,37 +284,30 @@ impl DriverHandle {
         self.events.subscribe()
     }
 
-    /// Waits until the run is terminal and returns it (from the store, checked at each of the
-    /// run's terminal events and every poll interval).
+    /// Waits until the run is terminal and returns it, as stored. A run this driver owns wakes
+    /// the waiter when it ends; any other run is checked every poll interval.
     ///
     /// # Errors
-    /// Store errors other than `Unavailable` (which is retried).
+    /// Store errors other than `Unavailable` (which is retried); [`DriverError::Stopped`].
     pub async fn wait_for_run(&self, run: RunId) -> Result<PipelineRun, DriverError> {
-        let mut events = self.events.subscribe();
         loop {
+            let (tx, rx) = oneshot::channel();
+            self.tx
+                .send(Msg::Wait(run, tx))
+                .map_err(|_| DriverError::Stopped)?;
             match self.store.get_run(run).await {
                 Ok(r) if r.status.is_terminal() => return Ok(r),
                 Ok(_) => {}
                 Err(e) if e.is_transient() => {}
                 Err(e) => return Err(e.into()),
             }
-            let _ = tokio::time::timeout(self.poll_interval, async {
-                loop {
-                    match events.recv().await {
-                        Ok(RunEvent {
-                            run_id,
-                            kind: RunEventKind::RunChanged { status, .. },
-                            ..
-                        }) if run_id == run && status.is_terminal() => return,
-                        Ok(_) => {}
-                        Err(broadcast::error::RecvError::Lagged(_)) => return,
-                        Err(broadcast::error::RecvError::Closed) => {
-                            std::future::pending::<()>().await;
-                        }
-                    }
-                }
-            })
-            .await;
+            match tokio::time::timeout(self.poll_interval, rx).await {
+                // Owned and ended (or the driver stopped): look again.
+                Ok(Ok(true)) | Err(_) => {}
+                Ok(Err(_)) => return Err(DriverError::Stopped),
+                // Not owned here: poll.
+                Ok(Ok(false)) => tokio::time::sleep(self.poll_interval).await,
+            }
         }
     }
 
@@ -392,6 +387,8 @@ struct Loop {
     /// Runs to load again from the store (their rows changed under us).
     reload: Vec<RunId>,
     claim_now: bool,
+    /// Callers of `wait_for_run`, woken when the run ends.
+    waiters: HashMap<RunId, Vec<oneshot::Sender<bool>>>,
 }
 
 /// At most this many inputs are handled per tick (one store commit).
@@ -417,6 +414,10 @@ impl Loop {
             if now >= next_poll {
                 next_poll = now + self.config.poll_interval;
                 self.poll_statuses();
+                self.waiters.retain(|_, ws| {
+                    ws.retain(|w| !w.is_closed());
+                    !ws.is_empty()
+                });
             }
             for run in std::mem::take(&mut self.reload) {
                 if self.leases.contains_key(&run) {
@@ -508,6 +509,13 @@ impl Loop {
                 }
             }
             Msg::Input(input) => inputs.push(input),
+            Msg::Wait(run_id, tx) => {
+                if self.orch.owns(run_id) || self.created.contains_key(&run_id) {
+                    self.waiters.entry(run_id).or_default().push(tx);
+                } else {
+                    let _ = tx.send(false);
+                }
+            }
             Msg::Shutdown(done) => {
                 let _ = done.send(());
             }
@@ -598,6 +606,9 @@ impl Loop {
                     if !kept.contains(&l.run_id) {
                         tracing::warn!(run_id = %l.run_id, "lease lost; another driver owns the run");
                         self.leases.remove(&l.run_id);
+                        for w in self.waiters.remove(&l.run_id).unwrap_or_default() {
+                            let _ = w.send(false);
+                        }
                         inputs.push(Input::RunReleased { run_id: l.run_id });
                     }
                 }
@@ -824,7 +835,9 @@ impl Loop {
                         }
                     });
                 }
-                let _: RunStatus = status;
+                for w in self.waiters.remove(&run_id).unwrap_or_default() {
+                    let _ = w.send(true);
+                }
             }
         }
     }
