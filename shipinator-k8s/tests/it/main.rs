@@ -2,6 +2,7 @@
 
 mod fake_api;
 mod manifest;
+mod real_cluster;
 mod scenarios;
 
 use std::sync::Arc;
