@@ -118,7 +118,7 @@ pub struct RawPipeline {
 #[serde(deny_unknown_fields)]
 pub struct RawTriggers {
     /// Pushes run the pipeline; `push: {}` or `push:` alone means every branch.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     pub push: Option<Located<Option<RawPush>>>,
     /// Pull requests run the pipeline.
     #[serde(default)]
@@ -126,6 +126,11 @@ pub struct RawTriggers {
     /// Manual runs are allowed (default `true`).
     #[serde(default)]
     pub manual: Option<Located<bool>>,
+}
+
+/// A key that is present, even with a null value, is `Some`.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// `on.push`.

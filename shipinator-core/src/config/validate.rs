@@ -333,6 +333,10 @@ impl Cx<'_> {
             if n.kind == Kind::Null {
                 return Some(located(None, n.pos));
             }
+            if !matches!(n.kind, Kind::Map(_)) {
+                self.wrong_type(n, "on.push", "a mapping such as `{ branches: [main] }`");
+                return None;
+            }
             let pf = self.fields(n, "on.push", PUSH_KEYS)?;
             let branches = self.opt_strings(&pf, "branches", "on.push");
             Some(located(Some(RawPush { branches }), n.pos))
