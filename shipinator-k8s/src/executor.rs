@@ -265,7 +265,13 @@ struct Cache {
     canceled: HashSet<ExecutionId>,
     pull_failing_since: HashMap<ExecutionId, Instant>,
     jobs_relisted: Option<HashSet<ExecutionId>>,
+    /// Executions whose Job is gone, oldest first: their terminal state is kept for a while
+    /// (for late `status` calls), then forgotten.
+    gone: std::collections::VecDeque<ExecutionId>,
 }
+
+/// How many executions with deleted Jobs keep their terminal state in memory.
+const REMEMBER_GONE: usize = 10_000;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -429,6 +435,13 @@ impl Shared {
         cache.pods.remove(&id);
         let known = cache.terminal.contains_key(&id);
         let canceled = cache.canceled.contains(&id);
+        cache.gone.push_back(id);
+        while cache.gone.len() > REMEMBER_GONE {
+            if let Some(old) = cache.gone.pop_front() {
+                cache.terminal.remove(&old);
+                cache.canceled.remove(&old);
+            }
+        }
         drop(cache);
         if !known {
             self.record(

@@ -171,3 +171,119 @@ pub(crate) fn observe(id: ExecutionId, job: &Job, pods: Option<&[Pod]>) -> Obser
         ExecutionState::Pending
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use expect_test::expect;
+    use serde_json::json;
+    use shipinator_core::domain::ExecutionId;
+
+    use super::*;
+
+    fn id() -> ExecutionId {
+        "00000000-0000-4000-8000-000000000001".parse().unwrap()
+    }
+
+    fn job(status: serde_json::Value) -> Job {
+        serde_json::from_value(json!({"metadata": {"name": "j"}, "status": status}))
+            .unwrap_or_default()
+    }
+
+    fn pod(status: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({"metadata": {"name": "p"}, "status": status}))
+            .unwrap_or_default()
+    }
+
+    fn failed(reason: &str) -> Job {
+        job(
+            json!({"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": reason}]}),
+        )
+    }
+
+    fn terminated(code: i32) -> Pod {
+        pod(
+            json!({"phase": "Failed", "containerStatuses": [{"name": "step", "image": "", "imageID": "",
+            "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": code}}}]}),
+        )
+    }
+
+    #[test]
+    fn mapping_table() {
+        let cases: Vec<(&str, Job, Option<Vec<Pod>>)> = vec![
+            ("no status, no pods", job(json!({})), None),
+            ("ready", job(json!({"active": 1, "ready": 1})), Some(vec![])),
+            (
+                "complete",
+                job(json!({"conditions": [{"type": "Complete", "status": "True"}]})),
+                None,
+            ),
+            (
+                "complete condition false",
+                job(json!({"conditions": [{"type": "Complete", "status": "False"}]})),
+                None,
+            ),
+            ("failed, pods unknown", failed("BackoffLimitExceeded"), None),
+            (
+                "failed, exit 3",
+                failed("BackoffLimitExceeded"),
+                Some(vec![terminated(3)]),
+            ),
+            (
+                "failed, no pod",
+                failed("BackoffLimitExceeded"),
+                Some(vec![]),
+            ),
+            (
+                "deadline, killed",
+                failed("DeadlineExceeded"),
+                Some(vec![terminated(137)]),
+            ),
+            ("deadline, no pod", failed("DeadlineExceeded"), None),
+            (
+                "evicted",
+                failed("BackoffLimitExceeded"),
+                Some(vec![pod(
+                    json!({"phase": "Failed", "reason": "Evicted", "message": "low on memory"}),
+                )]),
+            ),
+            (
+                "node lost",
+                job(json!({"active": 1})),
+                Some(vec![pod(json!({"phase": "Unknown"}))]),
+            ),
+            (
+                "pull",
+                job(json!({"active": 1})),
+                Some(vec![pod(
+                    json!({"phase": "Pending", "initContainerStatuses": [{"name": "install-worker", "image": "", "imageID": "", "ready": false, "restartCount": 0, "state": {"waiting": {"reason": "ErrImagePull"}}}]}),
+                )]),
+            ),
+        ];
+        let out: String = cases
+            .into_iter()
+            .map(|(name, job, pods)| {
+                let o = match observe(id(), &job, pods.as_deref()) {
+                    Observed::State(ExecutionState::Finished(r)) => {
+                        format!("Finished(exit {}, failure {:?})", r.exit_code, r.failure)
+                    }
+                    o => format!("{o:?}"),
+                };
+                format!("{name}: {o}\n")
+            })
+            .collect();
+        expect![[r#"
+            no status, no pods: State(Pending)
+            ready: State(Running)
+            complete: Finished(exit 0, failure None)
+            complete condition false: State(Pending)
+            failed, pods unknown: NeedPods
+            failed, exit 3: Finished(exit 3, failure None)
+            failed, no pod: State(Lost { reason: "job failed (BackoffLimitExceeded) without a terminated step container: the pod was deleted or lost" })
+            deadline, killed: Finished(exit 137, failure Some("timed out: the job exceeded its active deadline"))
+            deadline, no pod: Finished(exit -1, failure Some("timed out: the job exceeded its active deadline"))
+            evicted: State(Lost { reason: "pod p: Evicted low on memory" })
+            node lost: State(Lost { reason: "pod p: node lost contact" })
+            pull: PullFailing("container install-worker cannot pull its image: ErrImagePull")
+        "#]].assert_eq(&out);
+    }
+}

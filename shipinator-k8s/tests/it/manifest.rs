@@ -290,3 +290,26 @@ fn a_step_without_image_is_rejected() -> anyhow::Result<()> {
     "#]].assert_debug_eq(&err);
     Ok(())
 }
+
+#[test]
+fn config_reads_from_the_documented_shape() -> anyhow::Result<()> {
+    let cfg: K8sConfig = serde_json::from_value(serde_json::json!({
+        "cluster": {"source": "kubeconfig", "path": "/etc/kube/config", "context": "ci"},
+        "namespace": "builds",
+        "worker_image": "registry.example/shipinator-worker:1",
+        "resources": {"requests": {"cpu": "500m"}},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ci", "effect": "NoSchedule"}],
+        "workspace": {"claim_name": "shipinator-workspaces"},
+        "image_pull_bound": 120,
+        "max_requests_per_second": 50,
+        "targets": {"local": {"namespaces": ["staging"], "service_account": "deployer"}}
+    }))?;
+    assert_eq!(cfg.namespace, "builds");
+    assert_eq!(cfg.image_pull_bound, Duration::from_secs(120));
+    assert_eq!(cfg.deadline_grace, K8sConfig::default().deadline_grace);
+    assert_eq!(
+        cfg.targets.get("local").map(|t| t.namespaces.clone()),
+        Some(vec!["staging".to_owned()])
+    );
+    Ok(())
+}
