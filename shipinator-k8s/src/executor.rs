@@ -265,6 +265,7 @@ struct Cache {
     canceled: HashSet<ExecutionId>,
     pull_failing_since: HashMap<ExecutionId, Instant>,
     jobs_relisted: Option<HashSet<ExecutionId>>,
+    jobs_before_relist: HashSet<ExecutionId>,
     /// Executions whose Job is gone, oldest first: their terminal state is kept for a while
     /// (for late `status` calls), then forgotten.
     gone: std::collections::VecDeque<ExecutionId>,
@@ -383,8 +384,14 @@ impl Shared {
             }
         };
         let mut observed = observe(id, &job, pods.as_deref());
-        let failed_unclear = matches!(observed, Observed::NeedPods)
-            || (matches!(observed, Observed::State(ExecutionState::Lost { .. })) && pods.is_some());
+        // Cached pods may lag behind the Job: when the Job failed and they do not say how,
+        // read them afresh (a rare path, one request).
+        let failed_unclear = match &observed {
+            Observed::NeedPods => true,
+            Observed::State(ExecutionState::Lost { .. }) => pods.is_some(),
+            Observed::State(ExecutionState::Finished(r)) => r.exit_code == -1 && pods.is_some(),
+            Observed::State(_) | Observed::PullFailing(_) => false,
+        };
         if failed_unclear {
             let fresh = self.list_pods(id).await?;
             observed = observe(id, &job, Some(&fresh));
@@ -489,7 +496,13 @@ async fn watch_jobs(shared: Arc<Shared>, api: Api<DynamicObject>) {
     let mut stream = pin!(watcher::watcher(api, cfg).default_backoff());
     while let Some(event) = stream.next().await {
         match event {
-            Ok(Event::Init) => shared.cache().jobs_relisted = Some(HashSet::new()),
+            Ok(Event::Init) => {
+                // The list is requested after this event: Jobs cached now were created
+                // before it and must be in it, unless they are gone.
+                let mut cache = shared.cache();
+                cache.jobs_before_relist = cache.jobs.keys().copied().collect();
+                cache.jobs_relisted = Some(HashSet::new());
+            }
             Ok(Event::InitApply(obj) | Event::Apply(obj)) => {
                 if let Some(id) = shared.put_job(&obj) {
                     shared.refresh(id).await;
@@ -507,15 +520,12 @@ async fn watch_jobs(shared: Arc<Shared>, api: Api<DynamicObject>) {
                     let mut cache = shared.cache();
                     let relisted = cache.jobs_relisted.take().unwrap_or_default();
                     cache.jobs_synced = true;
-                    cache
-                        .jobs
-                        .keys()
-                        .filter(|id| !relisted.contains(id))
-                        .copied()
+                    std::mem::take(&mut cache.jobs_before_relist)
+                        .into_iter()
+                        .filter(|id| !relisted.contains(id) && cache.jobs.contains_key(id))
                         .collect()
                 };
-                // A Job missing from the relist may have been created after the list was
-                // served (a submit racing the relist): confirm before declaring it gone.
+                // Confirm before declaring a Job gone (one request, only for missing Jobs).
                 for id in gone {
                     shared.throttle.permit().await;
                     match shared.jobs.get_opt(&job_name(id)).await {

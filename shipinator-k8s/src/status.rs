@@ -106,7 +106,10 @@ pub(crate) fn observe(id: ExecutionId, job: &Job, pods: Option<&[Pod]>) -> Obser
         if reason == "DeadlineExceeded" {
             // The worker enforces the step timeout itself; the Job deadline is the backstop.
             // Exit code from the step container when it terminated, else -1.
-            let code = pods.and_then(exit_of).unwrap_or(-1);
+            let Some(pods) = pods else {
+                return Observed::NeedPods;
+            };
+            let code = exit_of(pods).unwrap_or(-1);
             return Observed::State(finished(
                 id,
                 if code == 0 { -1 } else { code },
@@ -238,7 +241,8 @@ mod tests {
                 failed("DeadlineExceeded"),
                 Some(vec![terminated(137)]),
             ),
-            ("deadline, no pod", failed("DeadlineExceeded"), None),
+            ("deadline, pods unknown", failed("DeadlineExceeded"), None),
+            ("deadline, no pod", failed("DeadlineExceeded"), Some(vec![])),
             (
                 "evicted",
                 failed("BackoffLimitExceeded"),
@@ -280,6 +284,7 @@ mod tests {
             failed, exit 3: Finished(exit 3, failure None)
             failed, no pod: State(Lost { reason: "job failed (BackoffLimitExceeded) without a terminated step container: the pod was deleted or lost" })
             deadline, killed: Finished(exit 137, failure Some("timed out: the job exceeded its active deadline"))
+            deadline, pods unknown: NeedPods
             deadline, no pod: Finished(exit -1, failure Some("timed out: the job exceeded its active deadline"))
             evicted: State(Lost { reason: "pod p: Evicted low on memory" })
             node lost: State(Lost { reason: "pod p: node lost contact" })

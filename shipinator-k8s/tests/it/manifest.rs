@@ -313,3 +313,64 @@ fn config_reads_from_the_documented_shape() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// Every file in the repository's `deploy/` parses into its Kubernetes type, and the executor
+/// role grants what the executor calls.
+#[test]
+fn deploy_manifests_parse_into_their_types() -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+    let mut kinds = Vec::new();
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()?;
+    paths.sort();
+    for path in paths
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+    {
+        let value: serde_json::Value = serde_saphyr::from_str(&std::fs::read_to_string(path)?)?;
+        let kind = value["kind"].as_str().unwrap_or_default().to_owned();
+        let parsed = match kind.as_str() {
+            "Namespace" => serde_json::from_value::<Namespace>(value).map(drop),
+            "ServiceAccount" => serde_json::from_value::<ServiceAccount>(value).map(drop),
+            "PersistentVolumeClaim" => {
+                serde_json::from_value::<PersistentVolumeClaim>(value).map(drop)
+            }
+            "RoleBinding" => serde_json::from_value::<RoleBinding>(value).map(drop),
+            "Role" => serde_json::from_value::<Role>(value.clone()).map(|role| {
+                let grants = |group: &str, resource: &str, verb: &str| {
+                    role.rules.iter().flatten().any(|r| {
+                        r.api_groups.iter().flatten().any(|g| g == group)
+                            && r.resources.iter().flatten().any(|x| x == resource)
+                            && r.verbs.iter().any(|v| v == verb)
+                    })
+                };
+                for verb in ["create", "get", "list", "watch", "delete"] {
+                    assert!(grants("batch", "jobs", verb), "jobs {verb}");
+                }
+                for verb in ["get", "list", "watch"] {
+                    assert!(grants("", "pods", verb), "pods {verb}");
+                }
+                assert!(grants("", "pods/log", "get"));
+            }),
+            other => anyhow::bail!("{}: unexpected kind {other}", path.display()),
+        };
+        parsed.map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        kinds.push(kind);
+    }
+    expect![[r#"
+        [
+            "Namespace",
+            "ServiceAccount",
+            "Role",
+            "RoleBinding",
+            "ServiceAccount",
+            "PersistentVolumeClaim",
+        ]
+    "#]]
+    .assert_debug_eq(&kinds);
+    Ok(())
+}
