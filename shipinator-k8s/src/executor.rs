@@ -173,6 +173,11 @@ impl K8sExecutorBuilder {
         if self.config.worker_image.is_empty() {
             return Err(Error::Config("the worker image is empty".to_owned()));
         }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            Error::Config(
+                "build the executor inside a tokio runtime (it starts watches)".to_owned(),
+            )
+        })?;
         let ns = self.config.namespace.clone();
         let job_res = ApiResource::erase::<Job>(&());
         let pod_res = ApiResource::erase::<Pod>(&());
@@ -188,15 +193,15 @@ impl K8sExecutorBuilder {
             report_rx: Mutex::new(Some(report_rx)),
         });
         let tasks = vec![
-            tokio::spawn(watch_jobs(
+            runtime.spawn(watch_jobs(
                 Arc::clone(&shared),
                 Api::namespaced_with(self.client.clone(), &ns, &job_res),
             )),
-            tokio::spawn(watch_pods(
+            runtime.spawn(watch_pods(
                 Arc::clone(&shared),
                 Api::namespaced_with(self.client, &ns, &pod_res),
             )),
-            tokio::spawn(tick(Arc::clone(&shared))),
+            runtime.spawn(tick(Arc::clone(&shared))),
         ];
         Ok(K8sExecutor {
             inner: Arc::new(Inner {

@@ -61,6 +61,7 @@ struct Store {
     requests: BTreeMap<String, u64>,
     /// The next create stores the Job and then answers with this code.
     fail_next_create: Option<u16>,
+    hang_next_create: bool,
     deletes: Vec<(String, Option<String>)>,
     logs: HashMap<String, String>,
     uid: u64,
@@ -187,6 +188,11 @@ impl FakeApi {
     /// not retry; 504: a timeout it retries).
     pub(crate) fn fail_next_create(&self, code: u16) {
         self.store().fail_next_create = Some(code);
+    }
+
+    /// The next create stores its Job, then never answers (the client times out).
+    pub(crate) fn hang_next_create(&self) {
+        self.store().hang_next_create = true;
     }
 
     /// Deletes seen: (name, propagationPolicy).
@@ -728,7 +734,11 @@ async fn create_job(State(api): State<FakeApi>, Path(ns): Path<String>, body: By
     v["kind"] = json!("Job");
     let stored = api.put(Kind::Job, v);
     let fail = api.store().fail_next_create.take();
+    let hang = std::mem::take(&mut api.store().hang_next_create);
     api.on_created(&job);
+    if hang {
+        std::future::pending::<()>().await;
+    }
     if let Some(code) = fail {
         return status_response(
             code,

@@ -93,6 +93,34 @@ async fn a_create_that_failed_after_storing_is_adopted_on_retry() -> anyhow::Res
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_that_timed_out_is_adopted_on_retry() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let mut config = kube::Config::new(api.url.parse()?);
+    config.read_timeout = Some(Duration::from_secs(2));
+    let client = kube::Client::try_from(config)?;
+    let ex = shipinator_k8s::K8sExecutorBuilder::new(client)
+        .namespace("ci")
+        .default_image("busybox:1.36")
+        .build()?;
+    let s = spec("run");
+    api.hang_next_create();
+    let first = ex.submit(&s).await;
+    assert!(
+        matches!(first, Err(ExecutorError::Unavailable { .. })),
+        "{first:?}"
+    );
+    let h = ex.submit(&s).await?;
+    assert_eq!(h.external_id, job_name(s.execution_id));
+    assert_eq!(
+        api.names(Kind::Job),
+        vec![job_name(s.execution_id)],
+        "no duplicate"
+    );
+    wait_until(&ex, &h, running).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_job_with_the_same_name_is_an_ownership_error() -> anyhow::Result<()> {
     let api = FakeApi::start().await?;
     let ex = executor_on(&api)?;
