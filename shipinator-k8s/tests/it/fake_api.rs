@@ -74,6 +74,8 @@ pub(crate) struct FakeApi {
     changes: broadcast::Sender<Option<Change>>,
     /// Whether watch requests are answered (false: they wait, like a partitioned network).
     gate: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Bumped on every change and log append, for followed logs.
+    ticks: Arc<tokio::sync::watch::Sender<u64>>,
     pub(crate) url: String,
 }
 
@@ -138,6 +140,7 @@ impl FakeApi {
             store: Arc::new(Mutex::new(Store::default())),
             changes,
             gate: Arc::new(tokio::sync::watch::Sender::new(true)),
+            ticks: Arc::new(tokio::sync::watch::Sender::new(0)),
             url,
         };
         let app = Router::new()
@@ -263,6 +266,8 @@ impl FakeApi {
         };
         s.history.push(change.clone());
         let _ = self.changes.send(Some(change));
+        drop(s);
+        self.ticks.send_modify(|t| *t += 1);
         object
     }
 
@@ -281,7 +286,36 @@ impl FakeApi {
         };
         s.history.push(change.clone());
         let _ = self.changes.send(Some(change));
+        drop(s);
+        self.ticks.send_modify(|t| *t += 1);
         Some(object)
+    }
+
+    /// The step container of `job`'s pod prints `line`.
+    pub(crate) fn append_log(&self, job: &str, line: &str) {
+        if let Some(name) = self.pod_of(job).and_then(|p| p.metadata.name) {
+            let mut s = self.store();
+            let log = s.logs.entry(name).or_default();
+            if !log.is_empty() && !log.ends_with('\n') {
+                log.push('\n');
+            }
+            log.push_str(line);
+            log.push('\n');
+        }
+        self.ticks.send_modify(|t| *t += 1);
+    }
+
+    /// Whether pod `name` is gone or its step container terminated.
+    fn pod_done(&self, name: &str) -> bool {
+        let Some(v) = self.object(Kind::Pod, name) else {
+            return true;
+        };
+        let pod: Pod = serde_json::from_value(v).unwrap_or_default();
+        pod.status
+            .and_then(|s| s.container_statuses)
+            .unwrap_or_default()
+            .iter()
+            .any(|c| c.state.as_ref().is_some_and(|st| st.terminated.is_some()))
     }
 
     fn job(&self, name: &str) -> Option<Job> {
@@ -803,13 +837,38 @@ async fn delete_job(
 async fn pod_log(
     State(api): State<FakeApi>,
     Path((_ns, name)): Path<(String, String)>,
+    Query(q): Params,
     method: Method,
 ) -> Response {
     api.count(format!("{method} pods/log"));
-    let text = api.store().logs.get(&name).cloned().unwrap_or_default();
-    let mut body = text;
-    if !body.is_empty() && !body.ends_with('\n') {
-        body.push('\n');
+    fn text(api: &FakeApi, name: &str) -> String {
+        let mut body = api.store().logs.get(name).cloned().unwrap_or_default();
+        if !body.is_empty() && !body.ends_with('\n') {
+            body.push('\n');
+        }
+        body
     }
-    body.into_response()
+    if q.get("follow").map(String::as_str) != Some("true") {
+        return text(&api, &name).into_response();
+    }
+    // Follow: stream what is there, then what is appended, until the container terminates.
+    let stream = async_stream(move |tx| async move {
+        let mut ticks = api.ticks.subscribe();
+        let mut sent = 0;
+        loop {
+            let done = api.pod_done(&name);
+            let now = text(&api, &name);
+            if now.len() > sent {
+                let chunk = Bytes::from(now[sent..].to_owned());
+                sent = now.len();
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return;
+                }
+            }
+            if done || ticks.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::new(Body::from_stream(stream))
 }

@@ -453,3 +453,26 @@ async fn throttled_submission_rate_is_bounded_by_permits_per_job() -> anyhow::Re
     assert!(per_job <= 1.25, "{per_job} permits per job");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_of_a_running_execution_follow_until_it_ends() -> anyhow::Result<()> {
+    let api = FakeApi::start().await?;
+    let ex = executor_on(&api)?;
+    let h = ex.submit(&spec("run")).await?;
+    wait_until(&ex, &h, running).await?;
+    api.append_log(&h.external_id, "first");
+    let mut logs = ex.logs(&h, 0).await?;
+    let Some(first) = tokio::time::timeout(BOUND, logs.next()).await? else {
+        anyhow::bail!("the log ended early");
+    };
+    assert_eq!((first?.seq, "first"), (0, "first"));
+    api.append_log(&h.external_id, "second");
+    api.finish(&h.external_id, 0);
+    let rest = tokio::time::timeout(BOUND, logs.collect::<Vec<_>>()).await?;
+    let rest: Vec<(u64, String)> = rest
+        .into_iter()
+        .map(|l| l.map(|l| (l.seq, l.text)))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(rest, vec![(1, "second".to_owned())], "then the stream ends");
+    Ok(())
+}
