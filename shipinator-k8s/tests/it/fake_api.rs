@@ -112,6 +112,10 @@ fn status_response(code: u16, reason: &str, message: String, name: &str, kind: K
         .into_response()
 }
 
+fn in_namespace(v: &Value, ns: &str) -> bool {
+    v["metadata"]["namespace"].as_str().unwrap_or_default() == ns
+}
+
 fn labels_of(v: &Value) -> BTreeMap<String, String> {
     serde_json::from_value(v["metadata"]["labels"].clone()).unwrap_or_default()
 }
@@ -607,12 +611,14 @@ impl FakeApi {
 
     // ---------------------------------------------------------------- HTTP
 
-    fn list(&self, kind: Kind, selector: Option<&str>) -> Value {
+    fn list(&self, kind: Kind, ns: &str, selector: Option<&str>) -> Value {
         let s = self.store();
         let items: Vec<Value> = s
             .objects
             .iter()
-            .filter(|((k, _), v)| *k == kind && selector_matches(selector, &labels_of(v)))
+            .filter(|((k, _), v)| {
+                *k == kind && in_namespace(v, ns) && selector_matches(selector, &labels_of(v))
+            })
             .map(|(_, v)| v.clone())
             .collect();
         let meta = ListMeta {
@@ -626,7 +632,7 @@ impl FakeApi {
         json!({"apiVersion": api_version, "kind": list_kind, "metadata": meta, "items": items})
     }
 
-    fn watch(&self, kind: Kind, selector: Option<String>, since: u64) -> Response {
+    fn watch(&self, kind: Kind, ns: String, selector: Option<String>, since: u64) -> Response {
         let mut rx = self.changes.subscribe();
         let (backlog, gone) = {
             let s = self.store();
@@ -669,7 +675,9 @@ impl FakeApi {
         let matches = {
             let selector = selector.clone();
             move |c: &Change| {
-                c.kind == kind && selector_matches(selector.as_deref(), &labels_of(&c.object))
+                c.kind == kind
+                    && in_namespace(&c.object, &ns)
+                    && selector_matches(selector.as_deref(), &labels_of(&c.object))
             }
         };
         let mut last = since;
@@ -715,7 +723,12 @@ where
 
 type Params = Query<HashMap<String, String>>;
 
-async fn list_or_watch(api: FakeApi, kind: Kind, q: HashMap<String, String>) -> Response {
+async fn list_or_watch(
+    api: FakeApi,
+    kind: Kind,
+    ns: String,
+    q: HashMap<String, String>,
+) -> Response {
     let selector = q.get("labelSelector").cloned();
     if q.get("watch").map(String::as_str) == Some("true") {
         api.count(format!("WATCH {}", kind.plural()));
@@ -725,18 +738,26 @@ async fn list_or_watch(api: FakeApi, kind: Kind, q: HashMap<String, String>) -> 
             .get("resourceVersion")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        return api.watch(kind, selector, since);
+        return api.watch(kind, ns, selector, since);
     }
     api.count(format!("LIST {}", kind.plural()));
-    axum::Json(api.list(kind, selector.as_deref())).into_response()
+    axum::Json(api.list(kind, &ns, selector.as_deref())).into_response()
 }
 
-async fn list_or_watch_jobs(State(api): State<FakeApi>, Query(q): Params) -> Response {
-    list_or_watch(api, Kind::Job, q).await
+async fn list_or_watch_jobs(
+    State(api): State<FakeApi>,
+    Path(ns): Path<String>,
+    Query(q): Params,
+) -> Response {
+    list_or_watch(api, Kind::Job, ns, q).await
 }
 
-async fn list_or_watch_pods(State(api): State<FakeApi>, Query(q): Params) -> Response {
-    list_or_watch(api, Kind::Pod, q).await
+async fn list_or_watch_pods(
+    State(api): State<FakeApi>,
+    Path(ns): Path<String>,
+    Query(q): Params,
+) -> Response {
+    list_or_watch(api, Kind::Pod, ns, q).await
 }
 
 async fn create_job(State(api): State<FakeApi>, Path(ns): Path<String>, body: Bytes) -> Response {
@@ -785,12 +806,12 @@ async fn create_job(State(api): State<FakeApi>, Path(ns): Path<String>, body: By
     (StatusCode::CREATED, axum::Json(stored)).into_response()
 }
 
-async fn get_job(
-    State(api): State<FakeApi>,
-    Path((_ns, name)): Path<(String, String)>,
-) -> Response {
+async fn get_job(State(api): State<FakeApi>, Path((ns, name)): Path<(String, String)>) -> Response {
     api.count("GET jobs".to_owned());
-    match api.object(Kind::Job, &name) {
+    match api
+        .object(Kind::Job, &name)
+        .filter(|v| in_namespace(v, &ns))
+    {
         Some(v) => axum::Json(v).into_response(),
         None => status_response(
             404,
@@ -804,10 +825,22 @@ async fn get_job(
 
 async fn delete_job(
     State(api): State<FakeApi>,
-    Path((_ns, name)): Path<(String, String)>,
+    Path((ns, name)): Path<(String, String)>,
     body: Bytes,
 ) -> Response {
     api.count("DELETE jobs".to_owned());
+    if api
+        .object(Kind::Job, &name)
+        .is_some_and(|v| !in_namespace(&v, &ns))
+    {
+        return status_response(
+            404,
+            "NotFound",
+            format!("jobs.batch \"{name}\" not found"),
+            &name,
+            Kind::Job,
+        );
+    }
     let opts: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
     let propagation = opts["propagationPolicy"].as_str().map(str::to_owned);
     api.store().deletes.push((name.clone(), propagation));

@@ -292,7 +292,7 @@ async fn a_malformed_job_fails_only_its_execution() -> anyhow::Result<()> {
     api.put(
         Kind::Job,
         json!({"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": "stray", "labels": {"app.kubernetes.io/managed-by": "shipinator"}},
+            "metadata": {"name": "stray", "namespace": "ci", "labels": {"app.kubernetes.io/managed-by": "shipinator"}},
             "spec": 17}),
     );
     let Some(mut bad) = api.object(Kind::Job, &hs[0].external_id) else {
