@@ -1,3 +1,6 @@
 //! shipinator-server's integration tests (one test binary for the crate).
 
+// Helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
+#![allow(clippy::unwrap_used)]
+
 mod validate;
