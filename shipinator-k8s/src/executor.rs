@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::config::{ClusterSource, K8sConfig, WorkspaceVolume};
+use crate::config::{ClusterSource, K8sConfig, TargetConfig, WorkspaceVolume};
 use crate::error::{Error, api_code};
 use crate::manifest::{
     EXECUTION_ANNOTATION, EXECUTION_LABEL, MANAGED_BY, MANAGED_BY_LABEL, RUN_LABEL, STEP_CONTAINER,
@@ -136,6 +136,13 @@ impl K8sExecutorBuilder {
         self
     }
 
+    /// Adds (or replaces) a deploy target.
+    #[must_use]
+    pub fn target(mut self, name: impl Into<String>, target: TargetConfig) -> Self {
+        self.config.targets.insert(name.into(), target);
+        self
+    }
+
     /// Client-side limit on API requests per second (watches excepted).
     #[must_use]
     pub fn throttle(mut self, requests_per_second: u32) -> Self {
@@ -178,31 +185,32 @@ impl K8sExecutorBuilder {
                 "build the executor inside a tokio runtime (it starts watches)".to_owned(),
             )
         })?;
-        let ns = self.config.namespace.clone();
         let job_res = ApiResource::erase::<Job>(&());
         let pod_res = ApiResource::erase::<Pod>(&());
         let (reports, report_rx) = mpsc::unbounded_channel();
         let throttle = Throttle::new(self.config.max_requests_per_second);
+        let namespaces = watched_namespaces(&self.config);
         let shared = Arc::new(Shared {
-            jobs: Api::namespaced(self.client.clone(), &ns),
-            pods: Api::namespaced(self.client.clone(), &ns),
+            client: self.client.clone(),
             config: self.config,
             cache: Mutex::new(Cache::default()),
             throttle,
             reports,
             report_rx: Mutex::new(Some(report_rx)),
         });
-        let tasks = vec![
-            runtime.spawn(watch_jobs(
+        let mut tasks = vec![runtime.spawn(tick(Arc::clone(&shared)))];
+        for ns in namespaces {
+            tasks.push(runtime.spawn(watch_jobs(
                 Arc::clone(&shared),
                 Api::namespaced_with(self.client.clone(), &ns, &job_res),
-            )),
-            runtime.spawn(watch_pods(
+                ns.clone(),
+            )));
+            tasks.push(runtime.spawn(watch_pods(
                 Arc::clone(&shared),
-                Api::namespaced_with(self.client, &ns, &pod_res),
-            )),
-            runtime.spawn(tick(Arc::clone(&shared))),
-        ];
+                Api::namespaced_with(self.client.clone(), &ns, &pod_res),
+                ns,
+            )));
+        }
         Ok(K8sExecutor {
             inner: Arc::new(Inner {
                 shared,
@@ -243,8 +251,7 @@ impl Drop for Inner {
 
 struct Shared {
     config: K8sConfig,
-    jobs: Api<Job>,
-    pods: Api<Pod>,
+    client: kube::Client,
     cache: Mutex<Cache>,
     throttle: Throttle,
     reports: mpsc::UnboundedSender<ExecutionReport>,
@@ -261,16 +268,20 @@ enum Seen {
 
 #[derive(Debug, Default)]
 struct Cache {
-    jobs_synced: bool,
-    pods_synced: bool,
+    /// Namespaces whose pod watch has listed.
+    pods_synced: HashSet<String>,
+    /// The namespace of each execution's Job (the executions namespace unless a deploy).
+    namespaces: HashMap<ExecutionId, String>,
     jobs: HashMap<ExecutionId, Seen>,
     pods: HashMap<ExecutionId, HashMap<String, Pod>>,
     /// Terminal states, recorded once (and reported once).
     terminal: HashMap<ExecutionId, ExecutionState>,
     canceled: HashSet<ExecutionId>,
     pull_failing_since: HashMap<ExecutionId, Instant>,
-    jobs_relisted: Option<HashSet<ExecutionId>>,
-    jobs_before_relist: HashSet<ExecutionId>,
+    /// Per namespace, during a relist: the Jobs seen so far.
+    jobs_relisted: HashMap<String, HashSet<ExecutionId>>,
+    /// Per namespace, during a relist: the Jobs known when it started.
+    jobs_before_relist: HashMap<String, HashSet<ExecutionId>>,
     /// Executions whose Job is gone, oldest first: their terminal state is kept for a while
     /// (for late `status` calls), then forgotten.
     gone: std::collections::VecDeque<ExecutionId>,
@@ -331,9 +342,61 @@ fn typed<T: DeserializeOwned>(obj: &DynamicObject) -> Result<T, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The executions namespace, then every namespace a deploy target allows, once each.
+fn watched_namespaces(config: &K8sConfig) -> Vec<String> {
+    let mut out = vec![config.namespace.clone()];
+    for ns in config.targets.values().flat_map(|t| t.namespaces.iter()) {
+        if !out.contains(ns) {
+            out.push(ns.clone());
+        }
+    }
+    out
+}
+
 impl Shared {
     fn cache(&self) -> MutexGuard<'_, Cache> {
         lock(&self.cache)
+    }
+
+    fn jobs(&self, ns: &str) -> Api<Job> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    fn pods(&self, ns: &str) -> Api<Pod> {
+        Api::namespaced(self.client.clone(), ns)
+    }
+
+    /// The namespace of `id`'s Job.
+    fn ns_of(&self, id: ExecutionId) -> String {
+        self.cache()
+            .namespaces
+            .get(&id)
+            .cloned()
+            .unwrap_or_else(|| self.config.namespace.clone())
+    }
+
+    /// The handle of `id`: the Job name, prefixed by `<namespace>/` outside the executions
+    /// namespace.
+    fn handle(&self, id: ExecutionId) -> ExecHandle {
+        let ns = self.ns_of(id);
+        ExecHandle {
+            execution_id: id,
+            external_id: if ns == self.config.namespace {
+                job_name(id)
+            } else {
+                format!("{ns}/{}", job_name(id))
+            },
+        }
+    }
+
+    /// Learns the namespace a handle names (after a restart the cache may not know it).
+    fn learn(&self, handle: &ExecHandle) {
+        if let Some((ns, _)) = handle.external_id.split_once('/') {
+            self.cache()
+                .namespaces
+                .entry(handle.execution_id)
+                .or_insert_with(|| ns.to_owned());
+        }
     }
 
     /// Records a terminal state once and reports it; returns the recorded state.
@@ -355,7 +418,11 @@ impl Shared {
     async fn list_pods(&self, id: ExecutionId) -> Result<Vec<Pod>, Error> {
         let lp = ListParams::default().labels(&format!("{EXECUTION_LABEL}={id}"));
         self.throttle.permit().await;
-        let list = self.pods.list(&lp).await.map_err(Error::api("list pods"))?;
+        let list = self
+            .pods(&self.ns_of(id))
+            .list(&lp)
+            .await
+            .map_err(Error::api("list pods"))?;
         Ok(list.items)
     }
 
@@ -370,11 +437,13 @@ impl Shared {
             let Some(seen) = cache.jobs.get(&id).cloned() else {
                 return Ok(None);
             };
+            let ns = cache.namespaces.get(&id).unwrap_or(&self.config.namespace);
+            let synced = cache.pods_synced.contains(ns);
             let pods: Option<Vec<Pod>> = cache
                 .pods
                 .get(&id)
                 .map(|m| m.values().cloned().collect())
-                .or_else(|| cache.pods_synced.then(Vec::new));
+                .or_else(|| synced.then(Vec::new));
             (seen, pods)
         };
         let job = match seen {
@@ -422,7 +491,7 @@ impl Shared {
                     // The Job would back off until its deadline: delete it.
                     self.throttle.permit().await;
                     if let Err(e) = self
-                        .jobs
+                        .jobs(&self.ns_of(id))
                         .delete(&job_name(id), &DeleteParams::background())
                         .await
                         && api_code(&e) != Some(404)
@@ -452,6 +521,7 @@ impl Shared {
             if let Some(old) = cache.gone.pop_front() {
                 cache.terminal.remove(&old);
                 cache.canceled.remove(&old);
+                cache.namespaces.remove(&old);
             }
         }
         drop(cache);
@@ -469,7 +539,7 @@ impl Shared {
         }
     }
 
-    fn put_job(&self, obj: &DynamicObject) -> Option<ExecutionId> {
+    fn put_job(&self, obj: &DynamicObject, ns: &str) -> Option<ExecutionId> {
         let Some(id) = execution_of(&obj.metadata, true) else {
             tracing::warn!(job = ?obj.metadata.name, "managed job without a valid execution annotation, ignored");
             return None;
@@ -482,9 +552,10 @@ impl Shared {
             Err(e) => Seen::Malformed(e),
         };
         let mut cache = self.cache();
-        if let Some(relisted) = cache.jobs_relisted.as_mut() {
+        if let Some(relisted) = cache.jobs_relisted.get_mut(ns) {
             relisted.insert(id);
         }
+        cache.namespaces.insert(id, ns.to_owned());
         cache.jobs.insert(id, seen);
         Some(id)
     }
@@ -496,7 +567,7 @@ impl Shared {
     }
 }
 
-async fn watch_jobs(shared: Arc<Shared>, api: Api<DynamicObject>) {
+async fn watch_jobs(shared: Arc<Shared>, api: Api<DynamicObject>, ns: String) {
     let cfg = watcher::Config::default().labels(&label_selector());
     let mut stream = pin!(watcher::watcher(api, cfg).default_backoff());
     while let Some(event) = stream.next().await {
@@ -505,16 +576,22 @@ async fn watch_jobs(shared: Arc<Shared>, api: Api<DynamicObject>) {
                 // The list is requested after this event: Jobs cached now were created
                 // before it and must be in it, unless they are gone.
                 let mut cache = shared.cache();
-                cache.jobs_before_relist = cache.jobs.keys().copied().collect();
-                cache.jobs_relisted = Some(HashSet::new());
+                let known: HashSet<ExecutionId> = cache
+                    .jobs
+                    .keys()
+                    .filter(|id| cache.namespaces.get(id) == Some(&ns))
+                    .copied()
+                    .collect();
+                cache.jobs_before_relist.insert(ns.clone(), known);
+                cache.jobs_relisted.insert(ns.clone(), HashSet::new());
             }
             Ok(Event::InitApply(obj) | Event::Apply(obj)) => {
-                if let Some(id) = shared.put_job(&obj) {
+                if let Some(id) = shared.put_job(&obj, &ns) {
                     shared.refresh(id).await;
                 }
             }
             Ok(Event::Delete(obj)) => {
-                if let Some(id) = shared.put_job(&obj) {
+                if let Some(id) = shared.put_job(&obj, &ns) {
                     // The last state may be terminal: record it before forgetting the Job.
                     shared.refresh(id).await;
                     shared.job_gone(id);
@@ -523,9 +600,11 @@ async fn watch_jobs(shared: Arc<Shared>, api: Api<DynamicObject>) {
             Ok(Event::InitDone) => {
                 let gone: Vec<ExecutionId> = {
                     let mut cache = shared.cache();
-                    let relisted = cache.jobs_relisted.take().unwrap_or_default();
-                    cache.jobs_synced = true;
-                    std::mem::take(&mut cache.jobs_before_relist)
+                    let relisted = cache.jobs_relisted.remove(&ns).unwrap_or_default();
+                    cache
+                        .jobs_before_relist
+                        .remove(&ns)
+                        .unwrap_or_default()
                         .into_iter()
                         .filter(|id| !relisted.contains(id) && cache.jobs.contains_key(id))
                         .collect()
@@ -533,7 +612,7 @@ async fn watch_jobs(shared: Arc<Shared>, api: Api<DynamicObject>) {
                 // Confirm before declaring a Job gone (one request, only for missing Jobs).
                 for id in gone {
                     shared.throttle.permit().await;
-                    match shared.jobs.get_opt(&job_name(id)).await {
+                    match shared.jobs(&ns).get_opt(&job_name(id)).await {
                         Ok(Some(_)) => {}
                         Ok(None) => shared.job_gone(id),
                         Err(e) => {
@@ -547,19 +626,22 @@ async fn watch_jobs(shared: Arc<Shared>, api: Api<DynamicObject>) {
     }
 }
 
-async fn watch_pods(shared: Arc<Shared>, api: Api<DynamicObject>) {
+async fn watch_pods(shared: Arc<Shared>, api: Api<DynamicObject>, ns: String) {
     let cfg = watcher::Config::default().labels(&label_selector());
     let mut stream = pin!(watcher::watcher(api, cfg).default_backoff());
     while let Some(event) = stream.next().await {
         let (obj, deleted) = match event {
             Ok(Event::Init) => {
                 let mut cache = shared.cache();
-                cache.pods.clear();
-                cache.pods_synced = false;
+                let Cache {
+                    pods, namespaces, ..
+                } = &mut *cache;
+                pods.retain(|id, _| namespaces.get(id).unwrap_or(&shared.config.namespace) != &ns);
+                cache.pods_synced.remove(&ns);
                 continue;
             }
             Ok(Event::InitDone) => {
-                shared.cache().pods_synced = true;
+                shared.cache().pods_synced.insert(ns.clone());
                 continue;
             }
             Ok(Event::InitApply(obj) | Event::Apply(obj)) => (obj, false),
@@ -643,27 +725,26 @@ impl K8sExecutor {
     /// `Unavailable` when the API server cannot be reached.
     pub async fn adopt(&self) -> Result<Vec<(ExecHandle, ExecutionState)>, ExecutorError> {
         let shared = &self.inner.shared;
-        let api: Api<DynamicObject> = Api::namespaced_with(
-            shared.jobs.clone().into_client(),
-            &shared.config.namespace,
-            &ApiResource::erase::<Job>(&()),
-        );
-        shared.throttle.permit().await;
-        let list = api
-            .list(&ListParams::default().labels(&label_selector()))
-            .await
-            .map_err(Error::api("list jobs"))?;
         let mut out = Vec::new();
-        for obj in &list.items {
-            let Some(id) = shared.put_job(obj) else {
-                continue;
-            };
-            let state = match shared.evaluate(id).await {
-                Ok(Some(s)) => s,
-                Ok(None) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            out.push((handle(id), state));
+        for ns in watched_namespaces(&shared.config) {
+            let api: Api<DynamicObject> =
+                Api::namespaced_with(shared.client.clone(), &ns, &ApiResource::erase::<Job>(&()));
+            shared.throttle.permit().await;
+            let list = api
+                .list(&ListParams::default().labels(&label_selector()))
+                .await
+                .map_err(Error::api("list jobs"))?;
+            for obj in &list.items {
+                let Some(id) = shared.put_job(obj, &ns) else {
+                    continue;
+                };
+                let state = match shared.evaluate(id).await {
+                    Ok(Some(s)) => s,
+                    Ok(None) => continue,
+                    Err(e) => return Err(e.into()),
+                };
+                out.push((shared.handle(id), state));
+            }
         }
         Ok(out)
     }
@@ -675,12 +756,25 @@ impl K8sExecutor {
     /// `Unavailable` when the API server cannot be reached.
     pub async fn sweep_orphans(
         &self,
-        is_terminal: impl Fn(RunId) -> bool + Send,
+        is_terminal: impl Fn(RunId) -> bool + Send + Sync,
     ) -> Result<usize, ExecutorError> {
         let shared = &self.inner.shared;
+        let mut deleted = 0;
+        for ns in watched_namespaces(&shared.config) {
+            deleted += self.sweep_namespace(&ns, &is_terminal).await?;
+        }
+        Ok(deleted)
+    }
+
+    async fn sweep_namespace(
+        &self,
+        ns: &str,
+        is_terminal: &(impl Fn(RunId) -> bool + Send + Sync),
+    ) -> Result<usize, ExecutorError> {
+        let shared = &self.inner.shared;
+        let jobs = shared.jobs(ns);
         shared.throttle.permit().await;
-        let list = shared
-            .jobs
+        let list = jobs
             .list_metadata(&ListParams::default().labels(&label_selector()))
             .await
             .map_err(Error::api("list jobs"))?;
@@ -699,7 +793,7 @@ impl K8sExecutor {
                 continue;
             }
             shared.throttle.permit().await;
-            match shared.jobs.delete(&name, &DeleteParams::background()).await {
+            match jobs.delete(&name, &DeleteParams::background()).await {
                 Ok(_) => deleted += 1,
                 Err(e) if api_code(&e) == Some(404) => {}
                 Err(e) => return Err(Error::api("delete job")(e).into()),
@@ -711,7 +805,8 @@ impl K8sExecutor {
     async fn get_owned(&self, id: ExecutionId) -> Result<Option<Job>, Error> {
         let name = job_name(id);
         self.inner.shared.throttle.permit().await;
-        match self.inner.shared.jobs.get_opt(&name).await {
+        let jobs = self.inner.shared.jobs(&self.inner.shared.ns_of(id));
+        match jobs.get_opt(&name).await {
             Ok(None) => Ok(None),
             Ok(Some(job)) => match ownership_problem(id, &job) {
                 None => Ok(Some(job)),
@@ -723,6 +818,9 @@ impl K8sExecutor {
 
     fn cache_job(&self, id: ExecutionId, job: Job) {
         let mut cache = self.inner.shared.cache();
+        if let Some(ns) = &job.metadata.namespace {
+            cache.namespaces.insert(id, ns.clone());
+        }
         cache.jobs.entry(id).or_insert(Seen::Job(Box::new(job)));
     }
 
@@ -752,13 +850,6 @@ impl K8sExecutor {
     }
 }
 
-fn handle(id: ExecutionId) -> ExecHandle {
-    ExecHandle {
-        execution_id: id,
-        external_id: job_name(id),
-    }
-}
-
 #[async_trait::async_trait]
 impl Executor for K8sExecutor {
     fn kind(&self) -> &'static str {
@@ -770,26 +861,28 @@ impl Executor for K8sExecutor {
         {
             let cache = self.inner.shared.cache();
             if cache.jobs.contains_key(&id) || cache.terminal.contains_key(&id) {
-                return Ok(handle(id));
+                drop(cache);
+                return Ok(self.inner.shared.handle(id));
             }
         }
         let job = self.job_for(spec)?;
-        self.inner.shared.throttle.permit().await;
-        match self
-            .inner
-            .shared
-            .jobs
-            .create(&PostParams::default(), &job)
-            .await
-        {
+        let shared = &self.inner.shared;
+        let ns = job
+            .metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| shared.config.namespace.clone());
+        shared.cache().namespaces.insert(id, ns.clone());
+        shared.throttle.permit().await;
+        match shared.jobs(&ns).create(&PostParams::default(), &job).await {
             Ok(created) => {
                 self.cache_job(id, created);
-                Ok(handle(id))
+                Ok(shared.handle(id))
             }
             Err(e) if api_code(&e) == Some(409) => match self.get_owned(id).await? {
                 Some(existing) => {
                     self.cache_job(id, existing);
-                    Ok(handle(id))
+                    Ok(shared.handle(id))
                 }
                 // Deleted between the create and the get: the driver retries.
                 None => Err(Error::api("create job")(e).into()),
@@ -799,11 +892,13 @@ impl Executor for K8sExecutor {
     }
 
     async fn status(&self, handle: &ExecHandle) -> Result<ExecutionState, ExecutorError> {
+        self.inner.shared.learn(handle);
         Ok(self.state(handle.execution_id).await?)
     }
 
     async fn cancel(&self, handle: &ExecHandle) -> Result<(), ExecutorError> {
         let id = handle.execution_id;
+        self.inner.shared.learn(handle);
         let state = self.state(id).await?;
         if state.is_terminal() {
             return Ok(());
@@ -813,7 +908,7 @@ impl Executor for K8sExecutor {
         match self
             .inner
             .shared
-            .jobs
+            .jobs(&self.inner.shared.ns_of(id))
             .delete(&job_name(id), &DeleteParams::background())
             .await
         {
@@ -835,6 +930,7 @@ impl Executor for K8sExecutor {
     ) -> Result<LogLineStream, ExecutorError> {
         let id = handle.execution_id;
         let shared = &self.inner.shared;
+        shared.learn(handle);
         let cached: Option<String> = shared
             .cache()
             .pods
@@ -859,7 +955,7 @@ impl Executor for K8sExecutor {
         };
         shared.throttle.permit().await;
         let reader = shared
-            .pods
+            .pods(&shared.ns_of(id))
             .log_stream(&pod, &params)
             .await
             .map_err(Error::api("read pod log"))?;

@@ -19,7 +19,7 @@
 //! - **Restart**: the watches relist and report executions that finished meanwhile;
 //!   [`K8sExecutor::adopt`] lists them explicitly and [`K8sExecutor::sweep_orphans`] deletes
 //!   the Jobs of terminal runs.
-//! - **Deploys** run in the executions namespace with the target's service account, once the
+//! - **Deploys** run in their target namespace with the target's service account, once the
 //!   deploy namespace is on the target's allow-list.
 //!
 //! # Features
@@ -39,5 +39,5 @@ pub use executor::{K8sExecutor, K8sExecutorBuilder, TokenProvider};
 pub use manifest::{
     ATTEMPT_LABEL, EXECUTION_ANNOTATION, EXECUTION_LABEL, JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
     MAX_SPEC_BYTES, RUN_LABEL, SERVER_ENV, SPEC_ENV, STEP_CONTAINER, STEP_LABEL, TOKEN_ENV,
-    WORKER_PATH, WORKSPACE_PATH, job_manifest, job_name,
+    WORKER_PATH, WORKSPACE_PATH, job_manifest, job_name, job_namespace,
 };

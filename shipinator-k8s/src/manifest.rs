@@ -53,6 +53,40 @@ pub fn job_name(id: ExecutionId) -> String {
     format!("shipinator-{id}")
 }
 
+/// The namespace of an execution's Job: the executions namespace, or for a deploy the deploy
+/// namespace (`SHIPINATOR_DEPLOY_NAMESPACE`), which its target (`SHIPINATOR_DEPLOY_TARGET`,
+/// default [`DEFAULT_TARGET`]) must allow.
+///
+/// # Errors
+/// [`Error::Rejected`] for an unknown target or a namespace it does not allow.
+pub fn job_namespace(cfg: &K8sConfig, spec: &ExecutionSpec) -> Result<String, Error> {
+    if spec.stage != JobType::Deploy {
+        return Ok(cfg.namespace.clone());
+    }
+    let rejected = |reason: String| Error::Rejected {
+        id: spec.execution_id,
+        reason,
+    };
+    let target_name = spec
+        .env
+        .get("SHIPINATOR_DEPLOY_TARGET")
+        .map_or(DEFAULT_TARGET, String::as_str);
+    let target = cfg
+        .targets
+        .get(target_name)
+        .ok_or_else(|| rejected(format!("deploy target '{target_name}' is not configured")))?;
+    let namespace = spec
+        .env
+        .get("SHIPINATOR_DEPLOY_NAMESPACE")
+        .map_or("", String::as_str);
+    if !target.namespaces.iter().any(|n| n == namespace) {
+        return Err(rejected(format!(
+            "namespace '{namespace}' is not allowed for target '{target_name}'"
+        )));
+    }
+    Ok(namespace.to_owned())
+}
+
 /// The Job of one execution. `token` is the per-execution callback token, if any.
 ///
 /// # Errors
@@ -69,26 +103,16 @@ pub fn job_manifest(
         reason,
     };
     let is_deploy = spec.stage == JobType::Deploy;
+    let namespace = job_namespace(cfg, spec)?;
     let mut service_account = cfg.service_account.clone();
     if is_deploy {
         let target_name = spec
             .env
             .get("SHIPINATOR_DEPLOY_TARGET")
             .map_or(DEFAULT_TARGET, String::as_str);
-        let target = cfg
-            .targets
-            .get(target_name)
-            .ok_or_else(|| rejected(format!("deploy target '{target_name}' is not configured")))?;
-        let namespace = spec
-            .env
-            .get("SHIPINATOR_DEPLOY_NAMESPACE")
-            .map_or("", String::as_str);
-        if !target.namespaces.iter().any(|n| n == namespace) {
-            return Err(rejected(format!(
-                "namespace '{namespace}' is not allowed for target '{target_name}'"
-            )));
+        if let Some(target) = cfg.targets.get(target_name) {
+            service_account.clone_from(&target.service_account);
         }
-        service_account.clone_from(&target.service_account);
     }
     let image = spec
         .image
@@ -137,7 +161,10 @@ pub fn job_manifest(
     env.push(env_var("SHIPINATOR_WORKSPACE", WORKSPACE_PATH));
     env.push(env_var(SPEC_ENV, &spec_json));
 
-    let workspace_volume = match &cfg.workspace {
+    // A deploy runs in its target namespace, where the workspace claim is not: it needs no
+    // workspace (the worker fetches its artifact from the server by id).
+    let workspace = cfg.workspace.as_ref().filter(|_| !is_deploy);
+    let workspace_volume = match workspace {
         Some(w) => Volume {
             name: "workspace".to_owned(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -152,7 +179,7 @@ pub fn job_manifest(
             ..Volume::default()
         },
     };
-    let sub_path = cfg.workspace.as_ref().map(|w| {
+    let sub_path = workspace.map(|w| {
         if w.sub_path_prefix.is_empty() {
             spec.workspace.key.clone()
         } else {
@@ -235,7 +262,7 @@ pub fn job_manifest(
     Ok(Job {
         metadata: ObjectMeta {
             name: Some(name),
-            namespace: Some(cfg.namespace.clone()),
+            namespace: Some(namespace),
             labels: Some(labels.clone()),
             annotations: Some(annotations.clone()),
             ..ObjectMeta::default()

@@ -476,3 +476,68 @@ async fn logs_of_a_running_execution_follow_until_it_ends() -> anyhow::Result<()
     assert_eq!(rest, vec![(1, "second".to_owned())], "then the stream ends");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_runs_in_its_target_namespace() -> anyhow::Result<()> {
+    use shipinator_core::domain::JobType;
+    use shipinator_k8s::TargetConfig;
+
+    let api = FakeApi::start().await?;
+    let with_target = |b: shipinator_k8s::K8sExecutorBuilder| {
+        b.target(
+            "local",
+            TargetConfig {
+                namespaces: vec!["staging".to_owned()],
+                service_account: Some("deployer".to_owned()),
+            },
+        )
+    };
+    let ex = executor_with(&api, with_target)?;
+    let deploy = |ns: &str| {
+        let mut s = spec("run");
+        s.stage = JobType::Deploy;
+        s.env
+            .insert("SHIPINATOR_DEPLOY_TARGET".to_owned(), "local".to_owned());
+        s.env
+            .insert("SHIPINATOR_DEPLOY_NAMESPACE".to_owned(), ns.to_owned());
+        s
+    };
+    let refused = ex.submit(&deploy("kube-system")).await;
+    assert!(
+        matches!(refused, Err(ExecutorError::Rejected { .. })),
+        "{refused:?}"
+    );
+
+    let s = deploy("staging");
+    let h = ex.submit(&s).await?;
+    assert_eq!(
+        h.external_id,
+        format!("staging/{}", job_name(s.execution_id))
+    );
+    let stored = api.object(Kind::Job, &job_name(s.execution_id));
+    assert_eq!(
+        stored.as_ref().map(|v| v["metadata"]["namespace"].clone()),
+        Some(json!("staging"))
+    );
+    assert_eq!(
+        stored.map(|v| v["spec"]["template"]["spec"]["serviceAccountName"].clone()),
+        Some(json!("deployer"))
+    );
+    wait_until(&ex, &h, running).await?;
+    api.finish(&job_name(s.execution_id), 0);
+    wait_until(&ex, &h, |s| exit(s) == Some(0)).await?;
+
+    // A restarted executor finds it by its handle; cancelling another deletes it there.
+    drop(ex);
+    let ex = executor_with(&api, with_target)?;
+    assert_eq!(exit(&ex.status(&h).await?), Some(0));
+    assert_eq!(ex.submit(&s).await?, h, "adopted, not duplicated");
+    let other = ex.submit(&deploy("staging")).await?;
+    ex.cancel(&other).await?;
+    assert!(
+        api.object(Kind::Job, other.external_id.trim_start_matches("staging/"))
+            .is_none()
+    );
+    assert_eq!(api.requests().get("POST jobs"), Some(&2));
+    Ok(())
+}
