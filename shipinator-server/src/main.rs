@@ -6,6 +6,8 @@ use clap::Parser;
 
 mod bench;
 mod cli;
+mod gitinfo;
+mod local;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

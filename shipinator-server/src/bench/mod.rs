@@ -7,6 +7,9 @@ use clap::{Args, Subcommand, ValueEnum};
 use crate::cli::EXIT_USAGE;
 
 mod artifacts;
+mod counting;
+mod engine;
+mod rss;
 
 /// Which store a benchmark runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -65,9 +68,34 @@ pub(crate) struct ArtifactsArgs {
 pub(crate) fn run(cmd: BenchCommand) -> u8 {
     match cmd {
         BenchCommand::Artifacts(args) => artifacts::run(&args),
-        BenchCommand::Engine(_) => {
-            eprintln!("bench: not implemented yet");
-            EXIT_USAGE
+        BenchCommand::Engine(args) => print_json_line(|| async move { engine::run(&args).await }),
+    }
+}
+
+/// Runs a benchmark on a fresh multi-threaded runtime and prints its JSON line.
+fn print_json_line<F, Fut>(bench: F) -> u8
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<serde_json::Value>>,
+{
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return EXIT_USAGE;
+        }
+    };
+    match runtime.block_on(bench()) {
+        Ok(line) => {
+            println!("{line}");
+            crate::cli::EXIT_OK
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            crate::cli::EXIT_FAILED
         }
     }
 }

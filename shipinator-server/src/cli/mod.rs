@@ -48,6 +48,8 @@ pub(crate) enum Command {
     Validate(crate::cli::validate::ValidateArgs),
     /// Print the JSON Schema of the `.shipinator.yaml` format (for editors).
     Schema,
+    /// Run a directory's pipeline on this machine (SQLite, local artifacts, local processes).
+    Run(crate::cli::run::RunArgs),
     /// Measure the engine and its backends; each subcommand prints one JSON line.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -58,6 +60,7 @@ impl Cli {
         let code = match self.command {
             Command::Validate(args) => validate::run(&args),
             Command::Schema => validate::schema(),
+            Command::Run(args) => run::run(&args),
             Command::Bench(cmd) => bench::run(cmd),
         };
         ExitCode::from(code)
@@ -74,4 +77,5 @@ pub(crate) fn init_tracing(global: &GlobalArgs) {
         .try_init();
 }
 
+pub(crate) mod run;
 pub(crate) mod validate;

@@ -1,0 +1,175 @@
+//! `shipinator bench engine`: runs of build (2 steps) → test (2 steps) → deploy (1 step, the
+//! Deployinator's single `helm upgrade` step) on the mock executor, whose steps finish at once,
+//! against the chosen store. Prints one JSON line.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use shipinator_core::config::{self, PipelineSpec};
+use shipinator_core::domain::{JobType, PipelineId, RunStatus, Trigger};
+use shipinator_core::driver::{Driver, DriverConfig};
+use shipinator_core::executor::SourceSpec;
+use shipinator_core::memory::{InMemoryArtifactStore, InMemoryStore, MockExecutor};
+use shipinator_core::orchestrator::RunRequest;
+use shipinator_core::store::Store;
+use tokio::sync::Semaphore;
+
+use super::counting::CountingStore;
+use super::{BenchStore, EngineArgs, rss};
+
+const PIPELINE: &str = r#"
+build:
+  steps:
+    - name: compile
+      run: make build
+      outputs:
+        - type: binary
+          path: bin/app
+    - name: chart
+      run: make chart
+      outputs:
+        - type: helm_chart
+          path: dist/app.tgz
+test:
+  steps:
+    - name: unit
+      run: make test
+      parallel: true
+    - name: lint
+      run: make lint
+      parallel: true
+deploy:
+  artifact: helm_chart
+  target: local
+  namespace: bench
+"#;
+
+pub(crate) async fn run(args: &EngineArgs) -> anyhow::Result<serde_json::Value> {
+    if args.runs == 0 || args.concurrency == 0 {
+        bail!("--runs and --concurrency must be at least 1");
+    }
+    let spec: Arc<PipelineSpec> = Arc::new(
+        config::parse("bench.shipinator.yaml", PIPELINE)
+            .map_err(|e| anyhow::anyhow!("the benchmark pipeline is invalid: {e}"))?,
+    );
+    let inner: Arc<dyn Store> = match args.store.store {
+        BenchStore::Memory => Arc::new(InMemoryStore::new()),
+        BenchStore::Sqlite => {
+            let path = args
+                .store
+                .database
+                .as_deref()
+                .context("--store sqlite needs --database PATH")?;
+            Arc::new(
+                shipinator_sqlite::SqliteStore::open(path)
+                    .await
+                    .with_context(|| format!("opening SQLite database {path}"))?,
+            )
+        }
+        BenchStore::Postgres => {
+            let url = args
+                .store
+                .database
+                .as_deref()
+                .context("--store postgres needs --database URL")?;
+            let options = shipinator_postgres::PgStoreOptions::default().max_connections(8);
+            Arc::new(
+                shipinator_postgres::PgStore::connect_with(url, options)
+                    .await
+                    .context("connecting to PostgreSQL")?,
+            )
+        }
+    };
+    let store = Arc::new(CountingStore::new(inner));
+    let executor = MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+    let config = DriverConfig {
+        max_runs: u32::try_from(args.concurrency.saturating_mul(2)).unwrap_or(u32::MAX),
+        poll_interval: Duration::from_secs(60),
+        ..DriverConfig::default()
+    };
+    let handle = Driver::new(
+        Arc::clone(&store) as Arc<dyn Store>,
+        Arc::new(executor),
+        config,
+    )
+    .spawn();
+
+    let baseline_rss = rss::current_rss_bytes();
+    let sampler = rss::PeakSampler::start(Duration::from_millis(5));
+    let commits_before = store.commits.load(Ordering::Relaxed);
+    let transitions_before = store.transitions.load(Ordering::Relaxed);
+    let permits = Arc::new(Semaphore::new(
+        usize::try_from(args.concurrency).unwrap_or(usize::MAX),
+    ));
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..args.runs {
+        let permit = Arc::clone(&permits).acquire_owned().await?;
+        let handle = handle.clone();
+        let request = RunRequest {
+            pipeline_id: PipelineId::new_v7(),
+            pipeline_name: "bench".to_owned(),
+            project_name: "bench".to_owned(),
+            spec: Arc::clone(&spec),
+            source: SourceSpec {
+                clone_url: "file:///dev/null".to_owned(),
+                commit: format!("{i:040x}"),
+                git_ref: "main".to_owned(),
+                copy_working_tree: false,
+            },
+            branch: "main".to_owned(),
+            default_branch: "main".to_owned(),
+            trigger: Trigger::Manual,
+            stages: Some(vec![JobType::Build, JobType::Test, JobType::Deploy]),
+            requested_by: "bench".to_owned(),
+        };
+        tasks.spawn(async move {
+            let _permit = permit;
+            let id = handle.submit_run(request).await?;
+            let run = handle.wait_for_run(id).await?;
+            anyhow::Ok(run.status)
+        });
+        while let Some(done) = tasks.try_join_next() {
+            check(done)?;
+        }
+    }
+    while let Some(done) = tasks.join_next().await {
+        check(done)?;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    let peak_rss = sampler.stop().await.max(baseline_rss);
+    let commits = store.commits.load(Ordering::Relaxed) - commits_before;
+    let transitions = store.transitions.load(Ordering::Relaxed) - transitions_before;
+    handle.shutdown().await?;
+    let steps_per_run = 5;
+    Ok(serde_json::json!({
+        "bench": "engine",
+        "store": store.backend(),
+        "runs": args.runs,
+        "concurrency": args.concurrency,
+        "steps": args.runs * steps_per_run,
+        "transitions": transitions,
+        "commits": commits,
+        "transitions_per_commit": ratio(transitions as f64, commits as f64),
+        "seconds": seconds,
+        "runs_per_s": ratio(args.runs as f64, seconds),
+        "transitions_per_s": ratio(transitions as f64, seconds),
+        "baseline_rss_bytes": baseline_rss,
+        "peak_rss_bytes": peak_rss,
+        "rss_per_in_flight_run_bytes": (peak_rss.saturating_sub(baseline_rss)) / args.concurrency.min(args.runs),
+    }))
+}
+
+fn check(done: Result<anyhow::Result<RunStatus>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    let status = done.context("a benchmark task panicked")??;
+    if status != RunStatus::Success {
+        bail!("a benchmark run ended {status}, expected success");
+    }
+    Ok(())
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    if b > 0.0 { a / b } else { 0.0 }
+}
