@@ -1,1 +1,3 @@
 //! End-to-end tests across crates.
+
+mod engine_restart;
