@@ -50,6 +50,27 @@ pub(crate) enum Command {
     Schema,
     /// Run a directory's pipeline on this machine (SQLite, local artifacts, local processes).
     Run(crate::cli::run::RunArgs),
+    /// List, show and retry runs of the local data directory.
+    Runs {
+        #[command(flatten)]
+        data: inspect::DataDirArg,
+        #[command(subcommand)]
+        command: inspect::RunsCommand,
+    },
+    /// Print a run's step logs.
+    Logs {
+        #[command(flatten)]
+        data: inspect::DataDirArg,
+        #[command(flatten)]
+        args: inspect::LogsArgs,
+    },
+    /// List, download and prune artifacts of the local data directory.
+    Artifacts {
+        #[command(flatten)]
+        data: inspect::DataDirArg,
+        #[command(subcommand)]
+        command: inspect::ArtifactsCommand,
+    },
     /// Measure the engine and its backends; each subcommand prints one JSON line.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -61,6 +82,9 @@ impl Cli {
             Command::Validate(args) => validate::run(&args),
             Command::Schema => validate::schema(),
             Command::Run(args) => run::run(&args),
+            Command::Runs { data, command } => inspect::runs(&data, command),
+            Command::Logs { data, args } => inspect::logs(&data, args),
+            Command::Artifacts { data, command } => inspect::artifacts(&data, command),
             Command::Bench(cmd) => bench::run(cmd),
         };
         ExitCode::from(code)
@@ -77,5 +101,6 @@ pub(crate) fn init_tracing(global: &GlobalArgs) {
         .try_init();
 }
 
+pub(crate) mod inspect;
 pub(crate) mod run;
 pub(crate) mod validate;
