@@ -32,7 +32,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -43,7 +43,8 @@ use crate::executor::{
     ExecHandle, ExecutionReport, ExecutionState, Executor, ExecutorError, ReportStream,
 };
 use crate::orchestrator::{
-    Command, Input, Orchestrator, OrchestratorConfig, PlanError, RunDocument, RunRequest, new_run,
+    Command, Input, Orchestrator, OrchestratorConfig, PlanError, RunDocument, RunRequest,
+    new_run_with_document,
     retry_run,
 };
 use crate::store::{Batch, NewRun, RunEvent, RunLease, RunRecord, Store, StoreError, Write};
@@ -226,8 +227,8 @@ impl DriverHandle {
     /// [`DriverError::Plan`] when the request cannot be planned; store errors from creating it.
     pub async fn submit_run(&self, request: RunRequest) -> Result<RunId, DriverError> {
         let id = RunId::new_v7();
-        let new = new_run(&request, id, self.clock.now())?;
-        self.create(new).await
+        let (new, doc) = new_run_with_document(&request, id, self.clock.now())?;
+        self.create(new, doc).await
     }
 
     /// Creates a run that retries the failed or cancelled run `original` from its failed
@@ -242,11 +243,12 @@ impl DriverHandle {
     ) -> Result<RunId, DriverError> {
         let record = self.store.load_run(original).await?;
         let new = retry_run(&record, RunId::new_v7(), self.clock.now(), requested_by)?;
-        self.create(new).await
+        let doc = RunDocument::from_run(&new.run)?;
+        self.create(new, doc).await
     }
 
-    async fn create(&self, new: NewRun) -> Result<RunId, DriverError> {
-        let doc = Arc::new(RunDocument::from_run(&new.run)?);
+    async fn create(&self, new: NewRun, doc: RunDocument) -> Result<RunId, DriverError> {
+        let doc = Arc::new(doc);
         self.store.create_run(&new).await?;
         let id = new.run.id;
         self.tx
@@ -295,14 +297,17 @@ impl DriverHandle {
             self.tx
                 .send(Msg::Wait(run, tx))
                 .map_err(|_| DriverError::Stopped)?;
+            // A run this driver owns (or created and will claim) answers `true` when it ends;
+            // any other answer, or none within the poll interval, is checked against the store.
+            let answer = tokio::time::timeout(self.poll_interval, rx).await;
             match self.store.get_run(run).await {
                 Ok(r) if r.status.is_terminal() => return Ok(r),
                 Ok(_) => {}
                 Err(e) if e.is_transient() => {}
                 Err(e) => return Err(e.into()),
             }
-            match tokio::time::timeout(self.poll_interval, rx).await {
-                // Owned and ended (or the driver stopped): look again.
+            match answer {
+                // Owned and ended, or not answered yet: look again.
                 Ok(Ok(true)) | Err(_) => {}
                 Ok(Err(_)) => return Err(DriverError::Stopped),
                 // Not owned here: poll.
@@ -460,7 +465,9 @@ impl Loop {
                     () = tokio::time::sleep_until(wake) => {}
                 }
             }
-            if self.drain(&mut inputs) {
+            let stop = self.drain(&mut inputs);
+            drain_reports(&mut reports, &mut inputs);
+            if stop {
                 self.tick(inputs).await;
                 self.stop().await;
                 return;
@@ -847,6 +854,22 @@ impl Loop {
             if let Err(e) = self.store.release_lease(&lease).await {
                 tracing::debug!(run_id = %lease.run_id, error = %error_chain(&e), "release failed");
             }
+        }
+    }
+}
+
+/// Takes the executor reports that are ready without waiting, so that a burst of reports is
+/// handled in one tick (one store commit) rather than one tick each.
+fn drain_reports(reports: &mut Option<ReportStream>, inputs: &mut Vec<Input>) {
+    while inputs.len() < MAX_TICK_INPUTS {
+        let Some(stream) = reports.as_mut() else {
+            return;
+        };
+        match stream.next().now_or_never() {
+            Some(Some(report)) => inputs.extend(report_input(report)),
+            // Ended: `next_report` waits forever from now on.
+            Some(None) => *reports = None,
+            None => return,
         }
     }
 }

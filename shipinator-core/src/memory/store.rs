@@ -66,8 +66,10 @@ struct Inner {
     repositories: BTreeMap<RepositoryId, Repository>,
     pipelines: BTreeMap<PipelineId, Pipeline>,
     runs: BTreeMap<RunId, RunEntry>,
-    /// Non-terminal runs: what `claim_runs` looks at.
-    active_runs: BTreeSet<RunId>,
+    /// Non-terminal runs no lease holds: what `claim_runs` takes first.
+    unleased_runs: BTreeSet<RunId>,
+    /// Non-terminal leased runs by lease expiry: `claim_runs` takes those expired.
+    leased_runs: BTreeSet<(Timestamp, RunId)>,
     jobs: HashMap<JobId, JobEntry>,
     steps: HashMap<StepId, StepEntry>,
     executions: HashMap<ExecutionId, ExecEntry>,
@@ -212,13 +214,39 @@ where
 
 impl Inner {
     fn reindex_run(&mut self, id: RunId) {
-        if let Some(entry) = self.runs.get(&id) {
-            if entry.run.status.is_terminal() {
-                self.active_runs.remove(&id);
-            } else {
-                self.active_runs.insert(id);
+        let Some(entry) = self.runs.get(&id) else {
+            return;
+        };
+        let expiry = entry.lease.as_ref().map(|l| l.expires_at);
+        let active = !entry.run.status.is_terminal();
+        match (active, expiry) {
+            (true, None) => {
+                self.unleased_runs.insert(id);
+            }
+            (true, Some(t)) => {
+                self.unleased_runs.remove(&id);
+                self.leased_runs.insert((t, id));
+            }
+            (false, _) => {
+                self.unleased_runs.remove(&id);
+                if let Some(t) = expiry {
+                    self.leased_runs.remove(&(t, id));
+                }
             }
         }
+    }
+
+    /// Sets (or clears) a run's lease, keeping the claim indexes in step.
+    fn set_lease(&mut self, id: RunId, lease: Option<HeldLease>) {
+        let Some(entry) = self.runs.get_mut(&id) else {
+            return;
+        };
+        if let Some(old) = entry.lease.take() {
+            self.leased_runs.remove(&(old.expires_at, id));
+        }
+        self.unleased_runs.remove(&id);
+        entry.lease = lease;
+        self.reindex_run(id);
     }
 
     fn reindex_exec(&mut self, id: ExecutionId) {
@@ -936,27 +964,49 @@ impl Store for InMemoryStore {
         let expires_at = now + ttl;
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let mut out = Vec::new();
-        for id in &inner.active_runs {
-            if out.len() >= limit as usize {
-                break;
+        let limit = limit as usize;
+        // The free runs in id order: unleased ones merged with those whose lease expired.
+        let mut expired: Vec<RunId> = inner
+            .leased_runs
+            .iter()
+            .take_while(|(t, _)| *t <= now)
+            .map(|(_, id)| *id)
+            .collect();
+        expired.sort_unstable();
+        let mut free = Vec::new();
+        {
+            let mut unleased = inner.unleased_runs.iter().copied().peekable();
+            let mut expired = expired.into_iter().peekable();
+            while free.len() < limit {
+                let next = match (unleased.peek(), expired.peek()) {
+                    (Some(a), Some(b)) if b < a => expired.next(),
+                    (Some(_), _) => unleased.next(),
+                    (None, _) => expired.next(),
+                };
+                match next {
+                    Some(id) => free.push(id),
+                    None => break,
+                }
             }
-            let Some(entry) = inner.runs.get_mut(id) else {
+        }
+        let mut out = Vec::with_capacity(free.len());
+        for id in free {
+            let Some(entry) = inner.runs.get_mut(&id) else {
                 continue;
             };
-            let free = entry.lease.as_ref().is_none_or(|l| l.expires_at <= now);
-            if !free {
-                continue;
-            }
             entry.epoch += 1;
-            entry.lease = Some(HeldLease {
-                owner: owner.to_owned(),
-                expires_at,
-            });
+            let epoch = entry.epoch;
+            inner.set_lease(
+                id,
+                Some(HeldLease {
+                    owner: owner.to_owned(),
+                    expires_at,
+                }),
+            );
             out.push(RunLease {
-                run_id: *id,
+                run_id: id,
                 owner: owner.to_owned(),
-                epoch: entry.epoch,
+                epoch,
                 expires_at,
             });
         }
@@ -978,13 +1028,19 @@ impl Store for InMemoryStore {
             if entry.epoch != lease.epoch {
                 continue;
             }
-            let Some(held) = entry.lease.as_mut() else {
+            let Some(held) = entry.lease.as_ref() else {
                 continue;
             };
             if held.owner != lease.owner {
                 continue;
             }
-            held.expires_at = expires_at;
+            inner.set_lease(
+                lease.run_id,
+                Some(HeldLease {
+                    owner: lease.owner.clone(),
+                    expires_at,
+                }),
+            );
             out.push(RunLease {
                 expires_at,
                 ..lease.clone()
@@ -1002,7 +1058,7 @@ impl Store for InMemoryStore {
         let held = entry.epoch == lease.epoch
             && entry.lease.as_ref().is_some_and(|l| l.owner == lease.owner);
         if held {
-            entry.lease = None;
+            inner.set_lease(lease.run_id, None);
         }
         Ok(())
     }

@@ -49,7 +49,7 @@ pub mod stages;
 
 pub use plan::{
     DEPLOY_STEP, InheritedArtifact, PlanError, RunContext, RunDocument, RunRequest, branch_matches,
-    new_run, plan_stages, retry_run,
+    new_run, new_run_with_document, plan_stages, retry_run,
 };
 pub use stages::{Buildinator, Deployinator, StageError, StepRequest, Testinator};
 

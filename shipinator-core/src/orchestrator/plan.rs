@@ -329,6 +329,19 @@ fn new_steps(spec: &PipelineSpec, job: &Job, now: Timestamp) -> Vec<JobStep> {
 /// # Errors
 /// See [`plan_stages`].
 pub fn new_run(request: &RunRequest, id: RunId, now: Timestamp) -> Result<NewRun, PlanError> {
+    new_run_with_document(request, id, now).map(|(new, _)| new)
+}
+
+/// [`new_run`], also returning the [`RunDocument`] its `resolved_spec` holds, so that a
+/// caller which hands the run to an orchestrator need not read the JSON back.
+///
+/// # Errors
+/// See [`new_run`].
+pub fn new_run_with_document(
+    request: &RunRequest,
+    id: RunId,
+    now: Timestamp,
+) -> Result<(NewRun, RunDocument), PlanError> {
     let stages = plan_stages(
         &request.spec,
         request.trigger,
@@ -354,7 +367,8 @@ pub fn new_run(request: &RunRequest, id: RunId, now: Timestamp) -> Result<NewRun
         .iter()
         .flat_map(|j| new_steps(&request.spec, j, now))
         .collect();
-    Ok(NewRun {
+    let resolved_spec = doc.to_json()?;
+    let new = NewRun {
         run: PipelineRun {
             id,
             pipeline_id: request.pipeline_id,
@@ -365,7 +379,7 @@ pub fn new_run(request: &RunRequest, id: RunId, now: Timestamp) -> Result<NewRun
             trigger: request.trigger,
             requested_stages: stages,
             requested_by: request.requested_by.clone(),
-            resolved_spec: doc.to_json()?,
+            resolved_spec,
             retry_of: None,
             version: 0,
             created_at: now,
@@ -374,7 +388,8 @@ pub fn new_run(request: &RunRequest, id: RunId, now: Timestamp) -> Result<NewRun
         },
         jobs,
         steps,
-    })
+    };
+    Ok((new, doc))
 }
 
 /// A new run `id` that retries `original` (failed or cancelled) from its first stage that did

@@ -8,12 +8,15 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use shipinator_core::config::{self, PipelineSpec};
-use shipinator_core::domain::{JobType, PipelineId, RunStatus, Trigger};
+use shipinator_core::domain::{
+    JobType, Pipeline, PipelineId, Project, ProjectId, Repository, RepositoryId, RunStatus, Trigger,
+};
 use shipinator_core::driver::{Driver, DriverConfig};
 use shipinator_core::executor::SourceSpec;
 use shipinator_core::memory::{InMemoryArtifactStore, InMemoryStore, MockExecutor};
 use shipinator_core::orchestrator::RunRequest;
 use shipinator_core::store::Store;
+use shipinator_core::time::Timestamp;
 use tokio::sync::Semaphore;
 
 use super::counting::CountingStore;
@@ -82,6 +85,7 @@ pub(crate) async fn run(args: &EngineArgs) -> anyhow::Result<serde_json::Value> 
             )
         }
     };
+    let pipeline_id = seed(&*inner).await?;
     let store = Arc::new(CountingStore::new(inner));
     let executor = MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
     let config = DriverConfig {
@@ -109,7 +113,7 @@ pub(crate) async fn run(args: &EngineArgs) -> anyhow::Result<serde_json::Value> 
         let permit = Arc::clone(&permits).acquire_owned().await?;
         let handle = handle.clone();
         let request = RunRequest {
-            pipeline_id: PipelineId::new_v7(),
+            pipeline_id,
             pipeline_name: "bench".to_owned(),
             project_name: "bench".to_owned(),
             spec: Arc::clone(&spec),
@@ -160,6 +164,50 @@ pub(crate) async fn run(args: &EngineArgs) -> anyhow::Result<serde_json::Value> 
         "peak_rss_bytes": peak_rss,
         "rss_per_in_flight_run_bytes": (peak_rss.saturating_sub(baseline_rss)) / args.concurrency.min(args.runs),
     }))
+}
+
+/// Creates the project, repository and pipeline every benchmark run belongs to (a store
+/// refuses runs of an unknown pipeline).
+async fn seed(store: &dyn Store) -> anyhow::Result<PipelineId> {
+    let now = Timestamp::now();
+    let project = Project {
+        id: ProjectId::new_v7(),
+        name: format!("bench-{}", PipelineId::new_v7()),
+        description: None,
+        created_at: now,
+        updated_at: now,
+    };
+    let repository = Repository {
+        id: RepositoryId::new_v7(),
+        project_id: project.id,
+        vcs_provider: "git".to_owned(),
+        clone_url: "file:///dev/null".to_owned(),
+        default_branch: "main".to_owned(),
+        created_at: now,
+        updated_at: now,
+    };
+    let pipeline = Pipeline {
+        id: PipelineId::new_v7(),
+        repository_id: repository.id,
+        name: "bench".to_owned(),
+        trigger_type: Trigger::Manual,
+        source_spec: String::new(),
+        created_at: now,
+        updated_at: now,
+    };
+    store
+        .create_project(&project)
+        .await
+        .context("creating the benchmark project")?;
+    store
+        .create_repository(&repository)
+        .await
+        .context("creating the benchmark repository")?;
+    store
+        .create_pipeline(&pipeline)
+        .await
+        .context("creating the benchmark pipeline")?;
+    Ok(pipeline.id)
 }
 
 fn check(done: Result<anyhow::Result<RunStatus>, tokio::task::JoinError>) -> anyhow::Result<()> {
