@@ -12,7 +12,7 @@
 //!   `object_store`, with multipart uploads of bounded concurrency.
 //! - [`prune()`]: retention by age and count per pipeline that spares artifacts of pipelines
 //!   with live runs.
-//! - [`bench`]: the measuring code of `shipinator bench artifacts`.
+//! - [`bench`](mod@bench): the measuring code of `shipinator bench artifacts`.
 //!
 //! All of them pass core's conformance suites (`tests/it/conformance.rs`).
 //!
