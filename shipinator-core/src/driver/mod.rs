@@ -517,7 +517,14 @@ impl Loop {
             }
             Msg::Input(input) => inputs.push(input),
             Msg::Wait(run_id, tx) => {
-                if self.orch.owns(run_id) || self.created.contains_key(&run_id) {
+                if self
+                    .orch
+                    .run_status(run_id)
+                    .is_some_and(|status| status.is_terminal())
+                {
+                    // Already ended: no `RunEnded` will come to wake the waiter.
+                    let _ = tx.send(true);
+                } else if self.orch.owns(run_id) || self.created.contains_key(&run_id) {
                     self.waiters.entry(run_id).or_default().push(tx);
                 } else {
                     let _ = tx.send(false);
