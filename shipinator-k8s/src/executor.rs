@@ -87,6 +87,7 @@ impl K8sExecutorBuilder {
                     .map_err(|e| client_error(Box::new(e)))?
             }
         };
+        crate::install_crypto_provider();
         let client = kube::Client::try_from(kube_config).map_err(|e| client_error(Box::new(e)))?;
         Ok(Self::new(client).config(config))
     }

@@ -41,3 +41,17 @@ pub use manifest::{
     MAX_SPEC_BYTES, RUN_LABEL, SERVER_ENV, SPEC_ENV, STEP_CONTAINER, STEP_LABEL, TOKEN_ENV,
     WORKER_PATH, WORKSPACE_PATH, job_manifest, job_name, job_namespace,
 };
+
+/// Makes rustls's `ring` provider the process default when no provider was chosen yet.
+///
+/// When several crates of one binary enable different rustls providers (the S3 client enables
+/// `aws-lc-rs`, this crate `ring`), rustls cannot pick one by itself and building a client
+/// panics. Every `kube::Client` this crate builds calls this first; call it before building a
+/// `kube::Client` yourself.
+pub fn install_crypto_provider() {
+    #[cfg(feature = "rustls-tls")]
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Another thread may have installed one meanwhile: either way a provider is set.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}

@@ -168,6 +168,7 @@ impl FakeApi {
     /// A kube client against this server.
     pub(crate) fn client(&self) -> anyhow::Result<kube::Client> {
         let config = kube::Config::new(self.url.parse()?);
+        shipinator_k8s::install_crypto_provider();
         Ok(kube::Client::try_from(config)?)
     }
 

@@ -124,6 +124,7 @@ async fn real_cluster() -> anyhow::Result<()> {
     {
         t.labels = None;
     }
+    shipinator_k8s::install_crypto_provider();
     let api: kube::Api<k8s_openapi::api::batch::v1::Job> = kube::Api::namespaced(
         kube::Client::try_from(
             kube::Config::from_custom_kubeconfig(

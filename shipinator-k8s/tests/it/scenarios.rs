@@ -97,6 +97,7 @@ async fn a_create_that_timed_out_is_adopted_on_retry() -> anyhow::Result<()> {
     let api = FakeApi::start().await?;
     let mut config = kube::Config::new(api.url.parse()?);
     config.read_timeout = Some(Duration::from_secs(2));
+    shipinator_k8s::install_crypto_provider();
     let client = kube::Client::try_from(config)?;
     let ex = shipinator_k8s::K8sExecutorBuilder::new(client)
         .namespace("ci")
