@@ -1,0 +1,1 @@
+insert into t (v) values (1);
