@@ -44,8 +44,7 @@ use crate::executor::{
 };
 use crate::orchestrator::{
     Command, Input, Orchestrator, OrchestratorConfig, PlanError, RunDocument, RunRequest,
-    new_run_with_document,
-    retry_run,
+    new_run_with_document, retry_run,
 };
 use crate::store::{Batch, NewRun, RunEvent, RunLease, RunRecord, Store, StoreError, Write};
 use crate::time::Timestamp;
