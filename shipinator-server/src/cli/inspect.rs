@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use futures_util::StreamExt as _;
 use shipinator_core::artifact::GetOptions;
-use shipinator_core::domain::{ArtifactId, RunId, RunStatus};
+use shipinator_core::domain::{ArtifactId, JobType, RunId, RunStatus};
 use shipinator_core::driver::{Driver, DriverConfig};
 use shipinator_core::store::{PageRequest, RunFilter};
 use shipinator_core::time::Timestamp;
@@ -267,7 +267,7 @@ pub(crate) fn logs(data: &DataDirArg, args: LogsArgs) -> u8 {
         }
         steps.sort_by_key(|(_, s)| {
             (
-                JobOrder::of(stage_of.get(&s.job_id).copied()),
+                stage_rank(stage_of.get(&s.job_id).copied()),
                 s.execution_order,
             )
         });
@@ -302,18 +302,11 @@ pub(crate) fn logs(data: &DataDirArg, args: LogsArgs) -> u8 {
     })
 }
 
-/// Stage order for sorting log output.
-struct JobOrder;
-
-impl JobOrder {
-    fn of(stage: Option<shipinator_core::domain::JobType>) -> usize {
-        stage.map_or(usize::MAX, |s| {
-            shipinator_core::domain::JobType::ORDER
-                .iter()
-                .position(|o| *o == s)
-                .unwrap_or(usize::MAX)
-        })
-    }
+/// Position of a stage in execution order, for sorting log output.
+fn stage_rank(stage: Option<JobType>) -> usize {
+    stage
+        .and_then(|s| JobType::ORDER.iter().position(|o| *o == s))
+        .unwrap_or(usize::MAX)
 }
 
 pub(crate) fn artifacts(data: &DataDirArg, cmd: ArtifactsCommand) -> u8 {

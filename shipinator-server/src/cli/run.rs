@@ -2,7 +2,6 @@
 //! SQLite state, artifacts and logs in the data directory, steps as local processes.
 
 use std::collections::HashMap;
-use std::io::IsTerminal as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -315,7 +314,6 @@ async fn follow(
     if human {
         eprintln!("run {id}");
     }
-    let tty = std::io::stderr().is_terminal();
     let wait = handle.wait_for_run(id);
     tokio::pin!(wait);
     let mut cancelled = false;
@@ -343,14 +341,14 @@ async fn follow(
                         match status {
                             Status::Running => {
                                 started.entry(step_id).or_insert(event.at);
-                                eprintln!("{} {name} running{note}", marker(tty, status));
+                                eprintln!("{} {name} running{note}", marker(status));
                             }
                             s if s.is_terminal() => {
                                 let took = started
                                     .get(&step_id)
                                     .map(|t| format!(" in {}", fmt_duration(event.at.saturating_duration_since(*t))))
                                     .unwrap_or_default();
-                                eprintln!("{} {name} {s}{took}{note}", marker(tty, s));
+                                eprintln!("{} {name} {s}{took}{note}", marker(s));
                             }
                             _ => {}
                         }
@@ -396,14 +394,14 @@ async fn follow(
     })
 }
 
-fn marker(tty: bool, status: Status) -> &'static str {
-    match (tty, status) {
-        (_, Status::Running) => "…",
-        (_, Status::Succeeded) => "✓",
-        (_, Status::Failed) => "✗",
-        (_, Status::Canceled) => "■",
-        (_, Status::Skipped) => "-",
-        (_, Status::Pending) => " ",
+fn marker(status: Status) -> &'static str {
+    match status {
+        Status::Running => "…",
+        Status::Succeeded => "✓",
+        Status::Failed => "✗",
+        Status::Canceled => "■",
+        Status::Skipped => "-",
+        Status::Pending => " ",
     }
 }
 
