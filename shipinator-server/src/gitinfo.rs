@@ -127,9 +127,22 @@ mod tests {
     }
 
     #[test]
-    fn no_repository() {
+    fn linked_worktree_resolves_through_the_common_dir() {
         let dir = tempfile::tempdir().unwrap();
-        // A temp dir may sit inside a repository on some machines; only check it does not fail.
-        assert!(discover(dir.path()).is_ok());
+        let common = dir.path().join("main/.git");
+        let wt_git = common.join("worktrees/feature");
+        fs::create_dir_all(common.join("refs/heads")).unwrap();
+        fs::create_dir_all(&wt_git).unwrap();
+        let sha = "fedcba9876543210fedcba9876543210fedcba98";
+        fs::write(common.join("refs/heads/feature"), format!("{sha}\n")).unwrap();
+        fs::write(wt_git.join("HEAD"), "ref: refs/heads/feature\n").unwrap();
+        fs::write(wt_git.join("commondir"), "../..\n").unwrap();
+        let tree = dir.path().join("feature");
+        fs::create_dir_all(&tree).unwrap();
+        fs::write(tree.join(".git"), format!("gitdir: {}\n", wt_git.display())).unwrap();
+        let info = discover(&tree).unwrap().unwrap();
+        assert_eq!(info.toplevel, tree.canonicalize().unwrap());
+        assert_eq!(info.head.as_deref(), Some(sha));
+        assert_eq!(info.branch.as_deref(), Some("feature"));
     }
 }
