@@ -380,6 +380,29 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// `NotFound` for the `what` (`"run"`, `"project"`, ...) named `id`.
+    pub fn not_found(what: &'static str, id: impl fmt::Display) -> Self {
+        StoreError::NotFound {
+            what,
+            id: id.to_string(),
+        }
+    }
+
+    /// `AlreadyExists` for the `what` named `id`.
+    pub fn already_exists(what: &'static str, id: impl fmt::Display) -> Self {
+        StoreError::AlreadyExists {
+            what,
+            id: id.to_string(),
+        }
+    }
+
+    /// `Invalid` with `message`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        StoreError::Invalid {
+            message: message.into(),
+        }
+    }
+
     /// Whether retrying the same call later may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable { .. })

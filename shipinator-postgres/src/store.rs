@@ -39,19 +39,6 @@ fn from_rows(e: Error) -> StoreError {
     e.into()
 }
 
-fn not_found(what: &'static str, id: impl fmt::Display) -> StoreError {
-    StoreError::NotFound {
-        what,
-        id: id.to_string(),
-    }
-}
-
-fn invalid(message: impl Into<String>) -> StoreError {
-    StoreError::Invalid {
-        message: message.into(),
-    }
-}
-
 /// The id in a unique violation's detail: `Key (id)=(…) already exists.`
 fn violated_key(e: &dyn sqlx::error::DatabaseError) -> Option<String> {
     let detail = e.try_downcast_ref::<PgDatabaseError>()?.detail()?;
@@ -77,13 +64,13 @@ fn insert_err(e: sqlx::Error, what: &'static str, id: impl fmt::Display) -> Stor
                 };
             }
             ErrorKind::ForeignKeyViolation => {
-                return invalid(format!(
+                return StoreError::invalid(format!(
                     "{what} {id} references a missing row ({})",
                     d.constraint().unwrap_or("foreign key")
                 ));
             }
             ErrorKind::CheckViolation | ErrorKind::NotNullViolation => {
-                return invalid(format!(
+                return StoreError::invalid(format!(
                     "{what} {id} has an invalid value ({})",
                     d.constraint().unwrap_or("constraint")
                 ));
@@ -97,7 +84,9 @@ fn insert_err(e: sqlx::Error, what: &'static str, id: impl fmt::Display) -> Stor
 fn parse_cursor(page: &PageRequest) -> Result<Option<Uuid>, StoreError> {
     page.cursor
         .as_deref()
-        .map(|c| Uuid::parse_str(c).map_err(|_| invalid(format!("invalid cursor '{c}'"))))
+        .map(|c| {
+            Uuid::parse_str(c).map_err(|_| StoreError::invalid(format!("invalid cursor '{c}'")))
+        })
         .transpose()
 }
 
@@ -206,7 +195,7 @@ impl Cas {
             .fetch_optional(&mut *conn)
             .await
             .map_err(db)?
-            .ok_or_else(|| not_found(self.what, self.id))?;
+            .ok_or_else(|| StoreError::not_found(self.what, self.id))?;
         if same(&row).map_err(from_rows)? {
             return Ok(());
         }
@@ -765,7 +754,7 @@ impl Store for PgStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?
-            .ok_or_else(|| not_found("project", id))?;
+            .ok_or_else(|| StoreError::not_found("project", id))?;
         rows::project(&row).map_err(from_rows)
     }
 
@@ -777,7 +766,7 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?
-        .ok_or_else(|| not_found("project", name))?;
+        .ok_or_else(|| StoreError::not_found("project", name))?;
         rows::project(&row).map_err(from_rows)
     }
 
@@ -824,7 +813,7 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?
-        .ok_or_else(|| not_found("repository", id))?;
+        .ok_or_else(|| StoreError::not_found("repository", id))?;
         rows::repository(&row).map_err(from_rows)
     }
 
@@ -880,7 +869,7 @@ impl Store for PgStore {
         .fetch_optional(&self.pool)
         .await
         .map_err(db)?
-        .ok_or_else(|| not_found("pipeline", id))?;
+        .ok_or_else(|| StoreError::not_found("pipeline", id))?;
         rows::pipeline(&row).map_err(from_rows)
     }
 
@@ -913,7 +902,7 @@ impl Store for PgStore {
         let mut job_ids = HashSet::with_capacity(new.jobs.len());
         for job in &new.jobs {
             if job.pipeline_run_id != run.id {
-                return Err(invalid(format!(
+                return Err(StoreError::invalid(format!(
                     "job {} belongs to run {}, not {}",
                     job.id, job.pipeline_run_id, run.id
                 )));
@@ -928,7 +917,7 @@ impl Store for PgStore {
         let mut step_ids = HashSet::with_capacity(new.steps.len());
         for step in &new.steps {
             if !job_ids.contains(&step.job_id) {
-                return Err(invalid(format!(
+                return Err(StoreError::invalid(format!(
                     "step {} references job {} which is not part of run {}",
                     step.id, step.job_id, run.id
                 )));
@@ -957,7 +946,7 @@ impl Store for PgStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?
-            .ok_or_else(|| not_found("run", id))?;
+            .ok_or_else(|| StoreError::not_found("run", id))?;
         rows::run(&row).map_err(from_rows)
     }
 
@@ -976,7 +965,7 @@ impl Store for PgStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(db)?
-            .ok_or_else(|| not_found("run", id))?;
+            .ok_or_else(|| StoreError::not_found("run", id))?;
         let run = rows::run(&row).map_err(from_rows)?;
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT j.* FROM jobs j WHERE j.pipeline_run_id = $1 ORDER BY {STAGE_ORDER}, j.id"
@@ -1068,7 +1057,7 @@ impl Store for PgStore {
             )
             .await?
         {
-            return Err(not_found("run", run));
+            return Err(StoreError::not_found("run", run));
         }
         decode_all(&rows, rows::job)
     }
@@ -1089,7 +1078,7 @@ impl Store for PgStore {
             )
             .await?
         {
-            return Err(not_found("job", job));
+            return Err(StoreError::not_found("job", job));
         }
         decode_all(&rows, rows::step)
     }
@@ -1110,7 +1099,7 @@ impl Store for PgStore {
             )
             .await?
         {
-            return Err(not_found("step", step));
+            return Err(StoreError::not_found("step", step));
         }
         decode_all(&rows, rows::execution)
     }
@@ -1121,7 +1110,7 @@ impl Store for PgStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?
-            .ok_or_else(|| not_found("execution", id))?;
+            .ok_or_else(|| StoreError::not_found("execution", id))?;
         rows::execution(&row).map_err(from_rows)
     }
 
@@ -1131,7 +1120,7 @@ impl Store for PgStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db)?
-            .ok_or_else(|| not_found("artifact", id))?;
+            .ok_or_else(|| StoreError::not_found("artifact", id))?;
         rows::artifact(&row).map_err(from_rows)
     }
 
@@ -1150,7 +1139,7 @@ impl Store for PgStore {
             )
             .await?
         {
-            return Err(not_found("run", run));
+            return Err(StoreError::not_found("run", run));
         }
         decode_all(&rows, rows::artifact)
     }
@@ -1195,7 +1184,7 @@ impl Store for PgStore {
             for fence in &batch.fences {
                 let current = *epochs
                     .get(&fence.run_id.0)
-                    .ok_or_else(|| not_found("run", fence.run_id))?;
+                    .ok_or_else(|| StoreError::not_found("run", fence.run_id))?;
                 if current != fence.epoch {
                     return Err(StoreError::Fenced {
                         run_id: fence.run_id,
@@ -1344,7 +1333,7 @@ impl Store for PgStore {
         if found {
             Ok(())
         } else {
-            Err(not_found("run", lease.run_id))
+            Err(StoreError::not_found("run", lease.run_id))
         }
     }
 

@@ -32,13 +32,6 @@ fn db_row(what: &'static str, id: impl ToString) -> impl FnOnce(sqlx::Error) -> 
     move |e| Error::from(e).into_store(what, id)
 }
 
-fn not_found(what: &'static str, id: impl ToString) -> StoreError {
-    StoreError::NotFound {
-        what,
-        id: id.to_string(),
-    }
-}
-
 fn decode<T>(
     rows: &[SqliteRow],
     f: fn(&SqliteRow) -> Result<T, Error>,
@@ -115,7 +108,7 @@ async fn apply_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), S
                 .await
                 .map_err(db)?;
         let Some(current) = current else {
-            return Err(not_found(RunId::WHAT, fence.run_id));
+            return Err(StoreError::not_found(RunId::WHAT, fence.run_id));
         };
         let current = u64::try_from(current).unwrap_or(0);
         if current != fence.epoch {
@@ -170,7 +163,7 @@ async fn apply_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), S
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(db)?
-                .ok_or_else(|| not_found(RunId::WHAT, id))?;
+                .ok_or_else(|| StoreError::not_found(RunId::WHAT, id))?;
                 let stored = rows::run(&row)?;
                 if stored.status != *status
                     || stored.phase != *phase
@@ -213,7 +206,7 @@ async fn apply_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), S
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(db)?
-                .ok_or_else(|| not_found(JobId::WHAT, id))?;
+                .ok_or_else(|| StoreError::not_found(JobId::WHAT, id))?;
                 let stored = rows::job(&row)?;
                 if stored.status != *status
                     || stored.started_at != *started_at
@@ -257,7 +250,7 @@ async fn apply_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), S
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(db)?
-                .ok_or_else(|| not_found(StepId::WHAT, id))?;
+                .ok_or_else(|| StoreError::not_found(StepId::WHAT, id))?;
                 let stored = rows::step(&row)?;
                 if stored.status != *status
                     || stored.attempt != *attempt
@@ -303,7 +296,7 @@ async fn apply_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), S
                 }
                 let stored = load_execution(conn, *id)
                     .await?
-                    .ok_or_else(|| not_found(ExecutionId::WHAT, id))?;
+                    .ok_or_else(|| StoreError::not_found(ExecutionId::WHAT, id))?;
                 if stored.status != *status
                     || stored.external_id != *external_id
                     || stored.exit_code != *exit_code
@@ -326,7 +319,7 @@ async fn apply_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), S
                 }
                 let stored = load_execution(conn, execution.id)
                     .await?
-                    .ok_or_else(|| not_found(ExecutionId::WHAT, execution.id))?;
+                    .ok_or_else(|| StoreError::not_found(ExecutionId::WHAT, execution.id))?;
                 if stored != *execution {
                     return Err(StoreError::AlreadyExists {
                         what: ExecutionId::WHAT,
@@ -349,7 +342,7 @@ async fn apply_batch(conn: &mut SqliteConnection, batch: &Batch) -> Result<(), S
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(db)?
-                .ok_or_else(|| not_found(ArtifactId::WHAT, artifact.id))?;
+                .ok_or_else(|| StoreError::not_found(ArtifactId::WHAT, artifact.id))?;
                 if rows::artifact(&row)? != *artifact {
                     return Err(StoreError::AlreadyExists {
                         what: ArtifactId::WHAT,
@@ -577,7 +570,7 @@ impl Store for SqliteStore {
             rows::project,
         )
         .await?
-        .ok_or_else(|| not_found(ProjectId::WHAT, id))
+        .ok_or_else(|| StoreError::not_found(ProjectId::WHAT, id))
     }
 
     async fn get_project_by_name(&self, name: &str) -> Result<Project, StoreError> {
@@ -591,7 +584,7 @@ impl Store for SqliteStore {
             rows::project,
         )
         .await?
-        .ok_or_else(|| not_found(ProjectId::WHAT, name))
+        .ok_or_else(|| StoreError::not_found(ProjectId::WHAT, name))
     }
 
     async fn list_projects(&self, req: &PageRequest) -> Result<Page<Project>, StoreError> {
@@ -642,7 +635,7 @@ impl Store for SqliteStore {
             rows::repository,
         )
         .await?
-        .ok_or_else(|| not_found(RepositoryId::WHAT, id))
+        .ok_or_else(|| StoreError::not_found(RepositoryId::WHAT, id))
     }
 
     async fn list_repositories(
@@ -699,7 +692,7 @@ impl Store for SqliteStore {
             rows::pipeline,
         )
         .await?
-        .ok_or_else(|| not_found(PipelineId::WHAT, id))
+        .ok_or_else(|| StoreError::not_found(PipelineId::WHAT, id))
     }
 
     async fn list_pipelines(
@@ -742,7 +735,7 @@ impl Store for SqliteStore {
             rows::run,
         )
         .await?
-        .ok_or_else(|| not_found(RunId::WHAT, id))
+        .ok_or_else(|| StoreError::not_found(RunId::WHAT, id))
     }
 
     async fn load_run(&self, id: RunId) -> Result<RunRecord, StoreError> {
@@ -758,7 +751,7 @@ impl Store for SqliteStore {
         .fetch_optional(&mut *tx)
         .await
         .map_err(db)?
-        .ok_or_else(|| not_found(RunId::WHAT, id))?;
+        .ok_or_else(|| StoreError::not_found(RunId::WHAT, id))?;
         let run = rows::run(&run)?;
         let jobs = sqlx::query(concat!(
             "SELECT ",
@@ -897,7 +890,7 @@ impl Store for SqliteStore {
             rows::execution,
         )
         .await?
-        .ok_or_else(|| not_found(ExecutionId::WHAT, id))
+        .ok_or_else(|| StoreError::not_found(ExecutionId::WHAT, id))
     }
 
     async fn get_artifact(&self, id: ArtifactId) -> Result<Artifact, StoreError> {
@@ -911,7 +904,7 @@ impl Store for SqliteStore {
             rows::artifact,
         )
         .await?
-        .ok_or_else(|| not_found(ArtifactId::WHAT, id))
+        .ok_or_else(|| StoreError::not_found(ArtifactId::WHAT, id))
     }
 
     async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError> {
@@ -1070,7 +1063,7 @@ impl Store for SqliteStore {
                     .await
                     .map_err(db)?;
             if exists.is_none() {
-                return Err(not_found(RunId::WHAT, lease.run_id));
+                return Err(StoreError::not_found(RunId::WHAT, lease.run_id));
             }
         }
         Ok(())

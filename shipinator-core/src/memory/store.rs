@@ -141,26 +141,6 @@ type ExecFields = (
     u64,
 );
 
-fn not_found(what: &'static str, id: impl fmt::Display) -> StoreError {
-    StoreError::NotFound {
-        what,
-        id: id.to_string(),
-    }
-}
-
-fn already_exists(what: &'static str, id: impl fmt::Display) -> StoreError {
-    StoreError::AlreadyExists {
-        what,
-        id: id.to_string(),
-    }
-}
-
-fn invalid(message: impl Into<String>) -> StoreError {
-    StoreError::Invalid {
-        message: message.into(),
-    }
-}
-
 fn conflict(what: &'static str, id: impl fmt::Display, expected: u64, found: u64) -> StoreError {
     StoreError::Conflict {
         what,
@@ -185,7 +165,8 @@ where
     let iter: Box<dyn DoubleEndedIterator<Item = (&K, &V)>> = match &page.cursor {
         None => Box::new(map.iter()),
         Some(c) => {
-            let key = parse(c).ok_or_else(|| invalid(format!("invalid cursor '{c}'")))?;
+            let key =
+                parse(c).ok_or_else(|| StoreError::invalid(format!("invalid cursor '{c}'")))?;
             Box::new(map.range(..key))
         }
     };
@@ -273,7 +254,10 @@ impl Inner {
                 started_at,
                 finished_at,
             } => {
-                let entry = self.runs.get_mut(id).ok_or_else(|| not_found("run", id))?;
+                let entry = self
+                    .runs
+                    .get_mut(id)
+                    .ok_or_else(|| StoreError::not_found("run", id))?;
                 let r = &mut entry.run;
                 if r.version == *expected_version {
                     undo.push(Undo::Run {
@@ -304,7 +288,10 @@ impl Inner {
                 started_at,
                 finished_at,
             } => {
-                let entry = self.jobs.get_mut(id).ok_or_else(|| not_found("job", id))?;
+                let entry = self
+                    .jobs
+                    .get_mut(id)
+                    .ok_or_else(|| StoreError::not_found("job", id))?;
                 let j = &mut entry.job;
                 if j.version == *expected_version {
                     undo.push(Undo::Job {
@@ -336,7 +323,7 @@ impl Inner {
                 let entry = self
                     .steps
                     .get_mut(id)
-                    .ok_or_else(|| not_found("step", id))?;
+                    .ok_or_else(|| StoreError::not_found("step", id))?;
                 let s = &mut entry.step;
                 if s.version == *expected_version {
                     undo.push(Undo::Step {
@@ -364,11 +351,11 @@ impl Inner {
                     return if existing.exec == *exec {
                         Ok(())
                     } else {
-                        Err(already_exists("execution", exec.id))
+                        Err(StoreError::already_exists("execution", exec.id))
                     };
                 }
                 let step = self.steps.get_mut(&exec.job_step_id).ok_or_else(|| {
-                    invalid(format!(
+                    StoreError::invalid(format!(
                         "execution {} references missing step {}",
                         exec.id, exec.job_step_id
                     ))
@@ -408,7 +395,7 @@ impl Inner {
                 let entry = self
                     .executions
                     .get_mut(id)
-                    .ok_or_else(|| not_found("execution", id))?;
+                    .ok_or_else(|| StoreError::not_found("execution", id))?;
                 let e = &mut entry.exec;
                 if e.version == *expected_version {
                     let fields = (
@@ -450,17 +437,17 @@ impl Inner {
                     return if existing == artifact {
                         Ok(())
                     } else {
-                        Err(already_exists("artifact", artifact.id))
+                        Err(StoreError::already_exists("artifact", artifact.id))
                     };
                 }
                 if !self.jobs.contains_key(&artifact.job_id) {
-                    return Err(invalid(format!(
+                    return Err(StoreError::invalid(format!(
                         "artifact {} references missing job {}",
                         artifact.id, artifact.job_id
                     )));
                 }
                 let run = self.runs.get_mut(&artifact.run_id).ok_or_else(|| {
-                    invalid(format!(
+                    StoreError::invalid(format!(
                         "artifact {} references missing run {}",
                         artifact.id, artifact.run_id
                     ))
@@ -472,7 +459,7 @@ impl Inner {
             }
             Write::AppendEvent(event) => {
                 if !self.runs.contains_key(&event.run_id) {
-                    return Err(invalid(format!(
+                    return Err(StoreError::invalid(format!(
                         "event references missing run {}",
                         event.run_id
                     )));
@@ -597,10 +584,10 @@ impl Store for InMemoryStore {
     async fn create_project(&self, project: &Project) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if inner.projects.contains_key(&project.id) {
-            return Err(already_exists("project", project.id));
+            return Err(StoreError::already_exists("project", project.id));
         }
         if inner.project_names.contains_key(&project.name) {
-            return Err(already_exists("project", &project.name));
+            return Err(StoreError::already_exists("project", &project.name));
         }
         inner.project_names.insert(project.name.clone(), project.id);
         inner.projects.insert(project.id, project.clone());
@@ -612,7 +599,7 @@ impl Store for InMemoryStore {
             .projects
             .get(&id)
             .cloned()
-            .ok_or_else(|| not_found("project", id))
+            .ok_or_else(|| StoreError::not_found("project", id))
     }
 
     async fn get_project_by_name(&self, name: &str) -> Result<Project, StoreError> {
@@ -622,7 +609,7 @@ impl Store for InMemoryStore {
             .get(name)
             .and_then(|id| inner.projects.get(id))
             .cloned()
-            .ok_or_else(|| not_found("project", name))
+            .ok_or_else(|| StoreError::not_found("project", name))
     }
 
     async fn list_projects(&self, page: &PageRequest) -> Result<Page<Project>, StoreError> {
@@ -635,10 +622,10 @@ impl Store for InMemoryStore {
     async fn create_repository(&self, repository: &Repository) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if inner.repositories.contains_key(&repository.id) {
-            return Err(already_exists("repository", repository.id));
+            return Err(StoreError::already_exists("repository", repository.id));
         }
         if !inner.projects.contains_key(&repository.project_id) {
-            return Err(invalid(format!(
+            return Err(StoreError::invalid(format!(
                 "repository {} references missing project {}",
                 repository.id, repository.project_id
             )));
@@ -652,7 +639,7 @@ impl Store for InMemoryStore {
             .repositories
             .get(&id)
             .cloned()
-            .ok_or_else(|| not_found("repository", id))
+            .ok_or_else(|| StoreError::not_found("repository", id))
     }
 
     async fn list_repositories(
@@ -673,10 +660,10 @@ impl Store for InMemoryStore {
     async fn create_pipeline(&self, pipeline: &Pipeline) -> Result<(), StoreError> {
         let mut inner = self.lock();
         if inner.pipelines.contains_key(&pipeline.id) {
-            return Err(already_exists("pipeline", pipeline.id));
+            return Err(StoreError::already_exists("pipeline", pipeline.id));
         }
         if !inner.repositories.contains_key(&pipeline.repository_id) {
-            return Err(invalid(format!(
+            return Err(StoreError::invalid(format!(
                 "pipeline {} references missing repository {}",
                 pipeline.id, pipeline.repository_id
             )));
@@ -690,7 +677,7 @@ impl Store for InMemoryStore {
             .pipelines
             .get(&id)
             .cloned()
-            .ok_or_else(|| not_found("pipeline", id))
+            .ok_or_else(|| StoreError::not_found("pipeline", id))
     }
 
     async fn list_pipelines(
@@ -712,10 +699,10 @@ impl Store for InMemoryStore {
         let mut inner = self.lock();
         let run = &new.run;
         if inner.runs.contains_key(&run.id) {
-            return Err(already_exists("run", run.id));
+            return Err(StoreError::already_exists("run", run.id));
         }
         if !inner.pipelines.contains_key(&run.pipeline_id) {
-            return Err(invalid(format!(
+            return Err(StoreError::invalid(format!(
                 "run {} references missing pipeline {}",
                 run.id, run.pipeline_id
             )));
@@ -724,25 +711,25 @@ impl Store for InMemoryStore {
         let mut job_ids = HashSet::with_capacity(new.jobs.len());
         for job in &new.jobs {
             if job.pipeline_run_id != run.id {
-                return Err(invalid(format!(
+                return Err(StoreError::invalid(format!(
                     "job {} belongs to run {}, not {}",
                     job.id, job.pipeline_run_id, run.id
                 )));
             }
             if inner.jobs.contains_key(&job.id) || !job_ids.insert(job.id) {
-                return Err(already_exists("job", job.id));
+                return Err(StoreError::already_exists("job", job.id));
             }
         }
         let mut step_ids = HashSet::with_capacity(new.steps.len());
         for step in &new.steps {
             if !job_ids.contains(&step.job_id) {
-                return Err(invalid(format!(
+                return Err(StoreError::invalid(format!(
                     "step {} references job {} which is not part of run {}",
                     step.id, step.job_id, run.id
                 )));
             }
             if inner.steps.contains_key(&step.id) || !step_ids.insert(step.id) {
-                return Err(already_exists("step", step.id));
+                return Err(StoreError::already_exists("step", step.id));
             }
         }
         let mut jobs: Vec<&Job> = new.jobs.iter().collect();
@@ -789,12 +776,15 @@ impl Store for InMemoryStore {
             .runs
             .get(&id)
             .map(|e| e.run.clone())
-            .ok_or_else(|| not_found("run", id))
+            .ok_or_else(|| StoreError::not_found("run", id))
     }
 
     async fn load_run(&self, id: RunId) -> Result<RunRecord, StoreError> {
         let inner = self.lock();
-        let entry = inner.runs.get(&id).ok_or_else(|| not_found("run", id))?;
+        let entry = inner
+            .runs
+            .get(&id)
+            .ok_or_else(|| StoreError::not_found("run", id))?;
         let mut record = RunRecord {
             run: entry.run.clone(),
             jobs: Vec::with_capacity(entry.jobs.len()),
@@ -846,7 +836,10 @@ impl Store for InMemoryStore {
 
     async fn list_jobs(&self, run: RunId) -> Result<Vec<Job>, StoreError> {
         let inner = self.lock();
-        let entry = inner.runs.get(&run).ok_or_else(|| not_found("run", run))?;
+        let entry = inner
+            .runs
+            .get(&run)
+            .ok_or_else(|| StoreError::not_found("run", run))?;
         Ok(entry
             .jobs
             .iter()
@@ -856,7 +849,10 @@ impl Store for InMemoryStore {
 
     async fn list_steps(&self, job: JobId) -> Result<Vec<JobStep>, StoreError> {
         let inner = self.lock();
-        let entry = inner.jobs.get(&job).ok_or_else(|| not_found("job", job))?;
+        let entry = inner
+            .jobs
+            .get(&job)
+            .ok_or_else(|| StoreError::not_found("job", job))?;
         Ok(entry
             .steps
             .iter()
@@ -869,7 +865,7 @@ impl Store for InMemoryStore {
         let entry = inner
             .steps
             .get(&step)
-            .ok_or_else(|| not_found("step", step))?;
+            .ok_or_else(|| StoreError::not_found("step", step))?;
         Ok(entry
             .executions
             .iter()
@@ -882,7 +878,7 @@ impl Store for InMemoryStore {
             .executions
             .get(&id)
             .map(|e| e.exec.clone())
-            .ok_or_else(|| not_found("execution", id))
+            .ok_or_else(|| StoreError::not_found("execution", id))
     }
 
     async fn get_artifact(&self, id: ArtifactId) -> Result<Artifact, StoreError> {
@@ -890,12 +886,15 @@ impl Store for InMemoryStore {
             .artifacts
             .get(&id)
             .cloned()
-            .ok_or_else(|| not_found("artifact", id))
+            .ok_or_else(|| StoreError::not_found("artifact", id))
     }
 
     async fn list_artifacts(&self, run: RunId) -> Result<Vec<Artifact>, StoreError> {
         let inner = self.lock();
-        let entry = inner.runs.get(&run).ok_or_else(|| not_found("run", run))?;
+        let entry = inner
+            .runs
+            .get(&run)
+            .ok_or_else(|| StoreError::not_found("run", run))?;
         let mut out: Vec<Artifact> = entry
             .artifacts
             .iter()
@@ -922,7 +921,7 @@ impl Store for InMemoryStore {
             let entry = inner
                 .runs
                 .get(&fence.run_id)
-                .ok_or_else(|| not_found("run", fence.run_id))?;
+                .ok_or_else(|| StoreError::not_found("run", fence.run_id))?;
             if entry.epoch != fence.epoch {
                 return Err(StoreError::Fenced {
                     run_id: fence.run_id,
@@ -1054,7 +1053,7 @@ impl Store for InMemoryStore {
         let entry = inner
             .runs
             .get_mut(&lease.run_id)
-            .ok_or_else(|| not_found("run", lease.run_id))?;
+            .ok_or_else(|| StoreError::not_found("run", lease.run_id))?;
         let held = entry.epoch == lease.epoch
             && entry.lease.as_ref().is_some_and(|l| l.owner == lease.owner);
         if held {
