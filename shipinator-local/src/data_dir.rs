@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 /// mirrors/      one bare git mirror per repository, fetched on later runs
 /// workspaces/   one workspace per run and stage: <run-id>/<stage>/
 /// executions/   pidfiles and recorded results of local executions
+/// runs/         which process drives a run, and requests to cancel it
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataDir {
@@ -62,6 +63,11 @@ impl DataDir {
         self.root.join("executions")
     }
 
+    /// `runs/`.
+    pub fn runs(&self) -> PathBuf {
+        self.root.join("runs")
+    }
+
     /// Creates the root and every subdirectory (an existing directory is fine).
     ///
     /// # Errors
@@ -73,6 +79,7 @@ impl DataDir {
             self.mirrors(),
             self.workspaces(),
             self.executions(),
+            self.runs(),
         ] {
             std::fs::create_dir_all(dir)?;
         }

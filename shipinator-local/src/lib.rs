@@ -9,6 +9,7 @@
 //!   worker in-process, one child process per step, with pidfiles so a restarted engine can
 //!   clean up after its previous life.
 //! - [`DataDir`]: the data-directory layout shared by `shipinator run` and `shipinator serve`.
+//! - [`RunControl`]: cancel requests between processes sharing a data directory.
 //!
 //! # Wiring
 //! ```no_run
@@ -30,12 +31,14 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod control;
 mod data_dir;
 mod error;
 mod executor;
 pub mod process;
 pub mod worker;
 
+pub use control::RunControl;
 pub use data_dir::DataDir;
 pub use error::{Error, error_chain};
 pub use executor::{LOST_ON_RESTART, LocalExecutor, LocalExecutorBuilder};

@@ -37,7 +37,9 @@ pub use outputs::{
     Collect, TestCounts, collect_outputs, oci_manifest_digest, output_artifact_id, parse_junit,
 };
 pub use step::{BaseEnv, CancelHandle, CancelSignal, StepExit, StepRunner, cancel_pair};
-pub use workspace::{FILE_MODE_KEY, prepare_workspace, remove_run_workspaces, workspace_dir};
+pub use workspace::{
+    FILE_MODE_KEY, export_subtree, prepare_workspace, remove_run_workspaces, workspace_dir,
+};
 
 /// The exit code reported when the command never ran (the workspace could not be prepared).
 pub const EXIT_NOT_RUN: i32 = -1;

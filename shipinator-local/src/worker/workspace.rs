@@ -164,6 +164,73 @@ async fn clone_source(
     git::checkout(&git, &mirror, ws, commit).await
 }
 
+/// Exports the directory `subdir` of `commit` in the repository at `clone_url` (through its
+/// mirror under the data directory) and returns where: `<data>/sources/<key>/`, keyed by URL,
+/// commit and subdirectory, so a second call (a resumed or retried run) finds it ready.
+///
+/// This is how a pipeline living in a subdirectory of a repository runs its committed tree:
+/// the run's source is then a copy of the export, whose root is the directory holding the
+/// `.shipinator.yaml`.
+///
+/// # Errors
+/// The URL, commit or subdirectory is unsafe; git fails; the commit has no such directory.
+pub async fn export_subtree(
+    data_dir: &DataDir,
+    base_env: &BaseEnv,
+    clone_url: &str,
+    commit: &str,
+    subdir: &str,
+) -> Result<PathBuf, Error> {
+    let url = git::checked_url(clone_url)?;
+    let commit = git::checked_commit(commit)?;
+    let sources = data_dir.root().join("sources");
+    // Validates `subdir` (relative, inside the tree) before anything is created.
+    safe_join(&sources, subdir)?;
+    let key = {
+        let mut h = Sha256::new();
+        for part in [clone_url, commit, subdir] {
+            h.update(part.as_bytes());
+            h.update([0]);
+        }
+        hex::encode(h.finalize())
+    };
+    let dest = sources.join(&key[..24]);
+    let marker = sibling(&dest, ".ready");
+    if marker.exists() {
+        return Ok(dest);
+    }
+    let _lock = lock(sibling(&dest, ".lock")).await?;
+    if marker.exists() {
+        return Ok(dest);
+    }
+    let git = Git::new(base_env);
+    let mirrors = data_dir.mirrors();
+    std::fs::create_dir_all(&mirrors).map_err(|e| Error::io_at("creating", &mirrors, e))?;
+    let mirror = git::mirror_path(&mirrors, clone_url);
+    {
+        let _lock = lock(sibling(&mirror, ".lock")).await?;
+        git::ensure_mirror(&git, &mirror, &url, Some(commit)).await?;
+    }
+    let tmp = sibling(&dest, ".tmp");
+    for stale in [&tmp, &dest] {
+        if stale.exists() {
+            std::fs::remove_dir_all(stale).map_err(|e| Error::io_at("removing", stale, e))?;
+        }
+    }
+    git::checkout(&git, &mirror, &tmp, Some(commit)).await?;
+    let inner = safe_join(&tmp, subdir)?;
+    if !inner.is_dir() {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(Error::Spec {
+            reason: format!("commit {commit} has no directory '{subdir}' (is it committed?)"),
+        });
+    }
+    std::fs::rename(&inner, &dest).map_err(|e| Error::io_at("renaming into", &dest, e))?;
+    std::fs::remove_dir_all(&tmp).map_err(|e| Error::io_at("removing", &tmp, e))?;
+    std::fs::write(&marker, b"").map_err(|e| Error::io_at("writing", &marker, e))?;
+    Ok(dest)
+}
+
 /// Copies the directory `from` to `to`, skipping `.git` and `exclude` (the data directory, if
 /// it lies inside). Symbolic links are recreated, not followed.
 fn copy_tree(from: &Path, to: &Path, exclude: &Path) -> Result<(), Error> {
