@@ -12,7 +12,7 @@ use shipinator_core::domain::{ArtifactId, JobType, RunId, RunStatus};
 use shipinator_core::driver::{Driver, DriverConfig};
 use shipinator_core::store::{PageRequest, RunFilter};
 use shipinator_core::time::Timestamp;
-use shipinator_local::DataDir;
+use shipinator_local::{DataDir, RunControl};
 use shipinator_nfs::{PrunePolicy, prune};
 use tokio::io::AsyncWriteExt as _;
 
@@ -47,6 +47,15 @@ pub(crate) enum RunsCommand {
     },
     /// Show a run with its steps and artifacts.
     Show {
+        /// The run.
+        run: RunId,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t)]
+        output: OutputFormat,
+    },
+    /// Cancel a run: the process driving it stops its running steps and records it canceled
+    /// (a run no process drives any more is cancelled by this command itself).
+    Cancel {
         /// The run.
         run: RunId,
         /// Output format.
@@ -202,6 +211,7 @@ pub(crate) fn runs(data: &DataDirArg, cmd: RunsCommand) -> u8 {
                 }
                 Ok(EXIT_OK)
             }
+            RunsCommand::Cancel { run, output } => cancel(&stack, run, output).await,
             RunsCommand::Retry { run, output } => {
                 let executor = stack.executor()?;
                 let handle = Driver::new(
@@ -235,6 +245,66 @@ pub(crate) fn runs(data: &DataDirArg, cmd: RunsCommand) -> u8 {
                 })
             }
         }
+    })
+}
+
+/// `runs cancel`: asks the process driving the run to cancel it and waits until it is
+/// recorded terminal; takes the run over when no live process drives it.
+async fn cancel(stack: &LocalStack, run: RunId, output: OutputFormat) -> anyhow::Result<u8> {
+    let current = stack.store.get_run(run).await?;
+    if current.status.is_terminal() {
+        eprintln!("run {run} already ended {}", current.status);
+        return Ok(if current.status == RunStatus::Canceled {
+            EXIT_OK
+        } else {
+            EXIT_FAILED
+        });
+    }
+    let control = RunControl::new(&stack.data);
+    control
+        .request_cancel(run)
+        .with_context(|| format!("writing {}", control.cancel_path(run).display()))?;
+    let finished = loop {
+        let now = stack.store.get_run(run).await?;
+        if now.status.is_terminal() {
+            break now;
+        }
+        if let Some(driver) = control.driver(run)? {
+            tracing::debug!(
+                pid = driver.pid,
+                "waiting for the driving process to cancel"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        }
+        // Nobody drives it (its process was killed): cancel it with an engine of our own,
+        // which claims it once the dead process's lease has expired.
+        eprintln!("no process drives run {run}; cancelling it here");
+        let handle = Driver::new(
+            Arc::clone(&stack.store),
+            Arc::new(stack.executor()?),
+            super::run::driver_config(),
+        )
+        .spawn();
+        handle.cancel_run(run)?;
+        let done = handle.wait_for_run(run).await;
+        handle.shutdown().await.ok();
+        break done.with_context(|| format!("cancelling run {run}"))?;
+    };
+    control.clear(run);
+    let record = stack.store.load_run(run).await?;
+    match output {
+        OutputFormat::Json => println!("{}", record_json(&record)),
+        OutputFormat::Human => print_summary(&record),
+    }
+    Ok(if finished.status == RunStatus::Canceled {
+        EXIT_OK
+    } else {
+        eprintln!(
+            "run {run} ended {} before it could be cancelled",
+            finished.status
+        );
+        EXIT_FAILED
     })
 }
 

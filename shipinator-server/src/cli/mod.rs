@@ -50,7 +50,7 @@ pub(crate) enum Command {
     Schema,
     /// Run a directory's pipeline on this machine (SQLite, local artifacts, local processes).
     Run(crate::cli::run::RunArgs),
-    /// List, show and retry runs of the local data directory.
+    /// List, show, cancel and retry runs of the local data directory.
     Runs {
         #[command(flatten)]
         data: inspect::DataDirArg,
@@ -102,5 +102,6 @@ pub(crate) fn init_tracing(global: &GlobalArgs) {
 }
 
 pub(crate) mod inspect;
+pub(crate) mod progress;
 pub(crate) mod run;
 pub(crate) mod validate;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, ValueEnum};
+use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
 use futures_util::StreamExt as _;
 use shipinator_core::config::{self, LoadError};
 use shipinator_core::domain::{JobType, RunId, RunStatus, Status, StepId, Trigger};
@@ -15,9 +16,10 @@ use shipinator_core::driver::{Driver, DriverConfig, DriverHandle};
 use shipinator_core::executor::SourceSpec;
 use shipinator_core::orchestrator::{RunRequest, plan_stages};
 use shipinator_core::store::{PageRequest, RunEventKind, RunFilter, RunRecord};
-use shipinator_core::time::Timestamp;
-use shipinator_local::DataDir;
+use shipinator_local::worker::{BaseEnv, export_subtree};
+use shipinator_local::{DataDir, RunControl};
 
+use super::progress::{Mode, Progress, marker};
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, OutputFormat};
 use crate::gitinfo;
 use crate::local::{LocalStack, ensure_pipeline};
@@ -127,12 +129,7 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
 async fn execute(args: &RunArgs) -> anyhow::Result<u8> {
     let stack = LocalStack::open(DataDir::new(&args.data_dir)).await?;
     let executor = stack.executor()?;
-    let driver_config = DriverConfig {
-        lease_ttl: Duration::from_secs(6),
-        claim_interval: Duration::from_millis(500),
-        poll_interval: Duration::from_secs(2),
-        ..DriverConfig::default()
-    };
+    let driver_config = driver_config();
 
     if args.resume {
         let Some(id) = newest_unfinished(&stack).await? else {
@@ -174,7 +171,7 @@ async fn execute(args: &RunArgs) -> anyhow::Result<u8> {
         .dir
         .canonicalize()
         .with_context(|| format!("resolving {}", args.dir.display()))?;
-    let (source, branch) = resolve_source(&dir, args)?;
+    let (source, branch, repo_url) = resolve_source(&dir, &stack.data, args).await?;
     let trigger = Trigger::from(args.trigger);
     let requested: Option<Vec<JobType>> = args
         .stages
@@ -196,7 +193,7 @@ async fn execute(args: &RunArgs) -> anyhow::Result<u8> {
     let (project, pipeline) = ensure_pipeline(
         stack.store.as_ref(),
         &project_name,
-        &source.clone_url,
+        &repo_url,
         &branch,
         config::FILE_NAME,
         &source_text,
@@ -222,6 +219,17 @@ async fn execute(args: &RunArgs) -> anyhow::Result<u8> {
     follow(&stack, &handle, id, args).await
 }
 
+/// The driver tuning of a local run: short leases, so that `--resume` after a crash (or a
+/// cancel of an orphaned run) takes over within seconds.
+pub(crate) fn driver_config() -> DriverConfig {
+    DriverConfig {
+        lease_ttl: Duration::from_secs(6),
+        claim_interval: Duration::from_millis(500),
+        poll_interval: Duration::from_secs(2),
+        ..DriverConfig::default()
+    }
+}
+
 fn requested_by() -> String {
     format!(
         "cli:{}",
@@ -229,8 +237,13 @@ fn requested_by() -> String {
     )
 }
 
-/// Where the worker takes the source from, and the branch the engine sees.
-fn resolve_source(dir: &Path, args: &RunArgs) -> anyhow::Result<(SourceSpec, String)> {
+/// Where the worker takes the source from, the branch the engine sees, and the repository
+/// URL the run is recorded under.
+async fn resolve_source(
+    dir: &Path,
+    data: &DataDir,
+    args: &RunArgs,
+) -> anyhow::Result<(SourceSpec, String, String)> {
     let git = gitinfo::discover(dir).with_context(|| format!("reading {}", dir.display()))?;
     let copy = |commit: String, branch: String| {
         (
@@ -241,6 +254,7 @@ fn resolve_source(dir: &Path, args: &RunArgs) -> anyhow::Result<(SourceSpec, Str
                 copy_working_tree: true,
             },
             branch,
+            dir.display().to_string(),
         )
     };
     let Some(git) = git else {
@@ -261,9 +275,7 @@ fn resolve_source(dir: &Path, args: &RunArgs) -> anyhow::Result<(SourceSpec, Str
         .or(git.branch.clone())
         .unwrap_or_else(|| "HEAD".to_owned());
     let commit = args.commit.clone().or(git.head.clone()).unwrap_or_default();
-    if args.dirty || git.toplevel != dir {
-        // A subdirectory of a repository runs from a copy of that directory: the worker's
-        // workspace root must be the directory holding `.shipinator.yaml`.
+    if args.dirty {
         return Ok(copy(commit, branch));
     }
     if commit.is_empty() {
@@ -272,14 +284,50 @@ fn resolve_source(dir: &Path, args: &RunArgs) -> anyhow::Result<(SourceSpec, Str
             dir.display()
         )));
     }
+    let clone_url = format!("file://{}", git.toplevel.display());
+    if git.toplevel != dir {
+        // A pipeline in a subdirectory: the workspace root must be the directory holding
+        // `.shipinator.yaml`, so the run copies that directory of the commit, exported once
+        // through the repository's mirror.
+        let subdir = dir
+            .strip_prefix(&git.toplevel)
+            .ok()
+            .and_then(Path::to_str)
+            .ok_or_else(|| {
+                usage(format!(
+                    "{} is not inside its repository {}",
+                    dir.display(),
+                    git.toplevel.display()
+                ))
+            })?;
+        let export = export_subtree(data, &BaseEnv::from_process(), &clone_url, &commit, subdir)
+            .await
+            .map_err(|e| {
+                usage(format!(
+                    "exporting {subdir} at {commit}: {}",
+                    shipinator_local::error_chain(&e)
+                ))
+            })?;
+        return Ok((
+            SourceSpec {
+                clone_url: export.display().to_string(),
+                commit,
+                git_ref: branch.clone(),
+                copy_working_tree: true,
+            },
+            branch,
+            format!("{clone_url}#{subdir}"),
+        ));
+    }
     Ok((
         SourceSpec {
-            clone_url: format!("file://{}", git.toplevel.display()),
+            clone_url: clone_url.clone(),
             commit,
             git_ref: branch.clone(),
             copy_working_tree: false,
         },
         branch,
+        clone_url,
     ))
 }
 
@@ -301,7 +349,8 @@ async fn newest_unfinished(stack: &LocalStack) -> anyhow::Result<Option<RunId>> 
     Ok(newest)
 }
 
-/// Shows progress until the run ends, cancels it on Ctrl-C, prints the summary.
+/// Shows progress until the run ends, cancels it on Ctrl-C or on a request from another
+/// process (`shipinator runs cancel`), prints the summary.
 async fn follow(
     stack: &LocalStack,
     handle: &DriverHandle,
@@ -309,63 +358,71 @@ async fn follow(
     args: &RunArgs,
 ) -> anyhow::Result<u8> {
     let mut events = handle.subscribe();
-    let names = step_names(&stack.store.load_run(id).await?);
+    let record = stack.store.load_run(id).await?;
     let human = args.output == OutputFormat::Human;
+    let mut progress = Progress::new(
+        Mode::detect(human),
+        step_names(&record),
+        step_order(&record),
+        args.logs,
+    );
+    let control = RunControl::new(&stack.data);
+    let _mark = control
+        .drive(id)
+        .with_context(|| format!("marking run {id} as driven by this process"))?;
     if human {
-        eprintln!("run {id}");
+        progress.note(&format!("run {id}"));
     }
     let wait = handle.wait_for_run(id);
     tokio::pin!(wait);
     let mut cancelled = false;
-    let mut started: HashMap<StepId, Timestamp> = HashMap::new();
+    let mut requests = tokio::time::interval(CANCEL_REQUEST_POLL);
+    requests.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (log_tx, mut log_rx) = tokio::sync::mpsc::unbounded_channel::<(StepId, String)>();
     let mut followers = tokio::task::JoinSet::new();
     let finished = loop {
         tokio::select! {
             done = &mut wait => break done.context("waiting for the run")?,
             _ = tokio::signal::ctrl_c(), if !cancelled => {
                 cancelled = true;
-                eprintln!("cancelling run {id} (Ctrl-C again to stop waiting)");
+                progress.note(&format!("cancelling run {id} (Ctrl-C again to stop waiting)"));
                 handle.cancel_run(id).context("cancelling the run")?;
             }
             _ = tokio::signal::ctrl_c(), if cancelled => {
+                progress.finish();
                 eprintln!("stopped waiting; the run continues with `shipinator run --resume`");
                 return Ok(EXIT_FAILED);
             }
+            _ = requests.tick(), if !cancelled => {
+                if control.cancel_requested(id) {
+                    cancelled = true;
+                    progress.note(&format!("cancelling run {id}: another process asked to"));
+                    handle.cancel_run(id).context("cancelling the run")?;
+                }
+            }
+            Some((step, text)) = log_rx.recv() => progress.log_line(step, &text),
             event = events.recv() => {
                 let Ok(event) = event else { continue };
-                if event.run_id != id || !human { continue; }
+                if event.run_id != id { continue; }
                 match event.kind {
                     RunEventKind::StepChanged { step_id, status, attempt } => {
-                        let name = names.get(&step_id).map_or("?", String::as_str);
-                        let note = if attempt > 1 { format!(" (attempt {attempt})") } else { String::new() };
-                        match status {
-                            Status::Running => {
-                                started.entry(step_id).or_insert(event.at);
-                                eprintln!("{} {name} running{note}", marker(status));
-                            }
-                            s if s.is_terminal() => {
-                                let took = started
-                                    .get(&step_id)
-                                    .map(|t| format!(" in {}", fmt_duration(event.at.saturating_duration_since(*t))))
-                                    .unwrap_or_default();
-                                eprintln!("{} {name} {s}{took}{note}", marker(s));
-                            }
-                            _ => {}
-                        }
+                        progress.step_changed(step_id, status, attempt, event.at);
                     }
-                    RunEventKind::ExecutionChanged { execution_id, status: Status::Running } if args.logs => {
+                    RunEventKind::ExecutionChanged { execution_id, status: Status::Running }
+                        if progress.wants_logs() =>
+                    {
+                        let Ok(execution) = stack.store.get_execution(execution_id).await else {
+                            continue;
+                        };
+                        let step = execution.job_step_id;
                         let logs = Arc::clone(&stack.logs);
-                        let label = stack
-                            .store
-                            .get_execution(execution_id)
-                            .await
-                            .ok()
-                            .and_then(|e| names.get(&e.job_step_id).cloned())
-                            .unwrap_or_default();
+                        let tx = log_tx.clone();
                         followers.spawn(async move {
                             if let Ok(mut lines) = logs.follow(execution_id, 0).await {
                                 while let Some(Ok(line)) = lines.next().await {
-                                    println!("[{label}] {}", line.text);
+                                    if tx.send((step, line.text)).is_err() {
+                                        break;
+                                    }
                                 }
                             }
                         });
@@ -376,13 +433,18 @@ async fn follow(
         }
     };
     // Let log followers drain what the finished steps wrote.
+    drop(log_tx);
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        while followers.join_next().await.is_some() {}
+        while let Some((step, text)) = log_rx.recv().await {
+            progress.log_line(step, &text);
+        }
     })
     .await;
     followers.abort_all();
+    progress.finish();
     let record = stack.store.load_run(id).await?;
     handle.shutdown().await.ok();
+    control.clear(id);
     match args.output {
         OutputFormat::Json => println!("{}", record_json(&record)),
         OutputFormat::Human => print_summary(&record),
@@ -394,16 +456,8 @@ async fn follow(
     })
 }
 
-fn marker(status: Status) -> &'static str {
-    match status {
-        Status::Running => "…",
-        Status::Succeeded => "✓",
-        Status::Failed => "✗",
-        Status::Canceled => "■",
-        Status::Skipped => "-",
-        Status::Pending => " ",
-    }
-}
+/// How often a running `shipinator run` looks for a cancel request from another process.
+const CANCEL_REQUEST_POLL: Duration = Duration::from_millis(200);
 
 fn step_names(record: &RunRecord) -> HashMap<StepId, String> {
     let stage_of: HashMap<_, _> = record.jobs.iter().map(|j| (j.id, j.job_type)).collect();
@@ -415,6 +469,24 @@ fn step_names(record: &RunRecord) -> HashMap<StepId, String> {
             (s.id, format!("{stage}/{}", s.name))
         })
         .collect()
+}
+
+/// The steps in execution order: by stage, then by position in the stage.
+fn step_order(record: &RunRecord) -> Vec<StepId> {
+    let rank: HashMap<_, _> = record
+        .jobs
+        .iter()
+        .map(|j| {
+            let r = JobType::ORDER
+                .iter()
+                .position(|o| *o == j.job_type)
+                .unwrap_or(usize::MAX);
+            (j.id, r)
+        })
+        .collect();
+    let mut steps: Vec<_> = record.steps.iter().collect();
+    steps.sort_by_key(|s| (rank.get(&s.job_id).copied(), s.execution_order));
+    steps.into_iter().map(|s| s.id).collect()
 }
 
 pub(crate) fn fmt_duration(d: Duration) -> String {
@@ -439,11 +511,15 @@ pub(crate) fn record_json(record: &RunRecord) -> serde_json::Value {
     })
 }
 
+/// The final summary: every step with its state and duration, every artifact with its size
+/// and sha256, then the run's outcome.
 pub(crate) fn print_summary(record: &RunRecord) {
     let names = step_names(record);
-    println!();
-    println!("{:<32} {:<10} {:>9}", "STEP", "STATUS", "TIME");
-    for step in &record.steps {
+    let mut steps = table(["STEP", "STATUS", "TIME"]);
+    for id in step_order(record) {
+        let Some(step) = record.steps.iter().find(|s| s.id == id) else {
+            continue;
+        };
         let took = match (step.started_at, step.finished_at) {
             (Some(s), Some(f)) => fmt_duration(f.saturating_duration_since(s)),
             _ => "-".to_owned(),
@@ -452,11 +528,16 @@ pub(crate) fn print_summary(record: &RunRecord) {
             .get(&step.id)
             .cloned()
             .unwrap_or_else(|| step.name.clone());
-        println!("{name:<32} {:<10} {took:>9}", step.status.as_str());
+        steps.add_row(vec![
+            Cell::new(name),
+            Cell::new(format!("{} {}", marker(step.status), step.status)),
+            Cell::new(took).set_alignment(CellAlignment::Right),
+        ]);
     }
+    println!();
+    println!("{steps}");
     if !record.artifacts.is_empty() {
-        println!();
-        println!("{:<28} {:<12} {:>10}  SHA256", "ARTIFACT", "TYPE", "SIZE");
+        let mut artifacts = table(["ARTIFACT", "TYPE", "SIZE", "SHA256"]);
         for a in &record.artifacts {
             let name = a
                 .path
@@ -468,18 +549,27 @@ pub(crate) fn print_summary(record: &RunRecord) {
                 .as_deref()
                 .unwrap_or("-")
                 .trim_start_matches("sha256:");
-            println!(
-                "{name:<28} {:<12} {:>10}  {sum}",
-                a.artifact_type.as_str(),
-                a.size
-            );
+            artifacts.add_row(vec![
+                Cell::new(name),
+                Cell::new(a.artifact_type.as_str()),
+                Cell::new(a.size).set_alignment(CellAlignment::Right),
+                Cell::new(sum),
+            ]);
         }
+        println!("{artifacts}");
     }
     let run = &record.run;
     let took = match (run.started_at, run.finished_at) {
         (Some(s), Some(f)) => format!(" in {}", fmt_duration(f.saturating_duration_since(s))),
         _ => String::new(),
     };
-    println!();
     println!("run {} {} (phase {}){took}", run.id, run.status, run.phase);
+}
+
+fn table<const N: usize>(header: [&str; N]) -> Table {
+    let mut t = Table::new();
+    t.load_style(comfy_table::presets::UTF8_FULL_CONDENSED)
+        .set_content_arrangement(ContentArrangement::Disabled)
+        .set_header(header);
+    t
 }
