@@ -92,11 +92,13 @@ impl StepExit {
 }
 
 /// The environment every user command and engine helper starts from: the engine's `PATH` and
-/// `HOME`, and a fixed locale. Nothing else of the engine's own environment leaks through.
+/// `HOME`, and a fixed locale. Nothing else of the engine's own environment leaks through,
+/// except the variables named with [`BaseEnv::pass`], and those reach user commands only.
 #[derive(Debug, Clone)]
 pub struct BaseEnv {
     path: OsString,
     home: Option<OsString>,
+    passed: Vec<(String, OsString)>,
 }
 
 impl BaseEnv {
@@ -105,7 +107,26 @@ impl BaseEnv {
         Self {
             path: std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into()),
             home: std::env::var_os("HOME"),
+            passed: Vec::new(),
         }
+    }
+
+    /// Also hands user commands the current process's value of each of `names` that is set
+    /// (for example `CARGO_TARGET_DIR`, so a build inside a step shares the caller's cache).
+    /// Engine helpers (git) never see them; a step's own `env` still wins.
+    pub fn pass<I, S>(mut self, names: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        for name in names {
+            let name = name.into();
+            if let Some(value) = std::env::var_os(&name) {
+                self.passed.retain(|(n, _)| *n != name);
+                self.passed.push((name, value));
+            }
+        }
+        self
     }
 
     /// The variables, as `(name, value)` pairs.
@@ -115,6 +136,11 @@ impl BaseEnv {
             out.push(("HOME", home.clone()));
         }
         out
+    }
+
+    /// The variables passed through to user commands with [`BaseEnv::pass`].
+    pub fn passed(&self) -> &[(String, OsString)] {
+        &self.passed
     }
 }
 
@@ -179,6 +205,7 @@ impl StepRunner {
         cmd.args(args)
             .env_clear()
             .envs(self.base_env.vars())
+            .envs(self.base_env.passed().iter().map(|(k, v)| (k, v)))
             .envs(&spec.env)
             .current_dir(cwd)
             .stdin(Stdio::null())

@@ -19,6 +19,7 @@ use shipinator_core::executor::{
 use shipinator_core::logs::{LogLine, LogStore, LogStream};
 use shipinator_core::memory::{InMemoryArtifactStore, InMemoryLogStore};
 use shipinator_local::process::ProcessIdentity;
+use shipinator_local::worker::BaseEnv;
 use shipinator_local::{LOST_ON_RESTART, LocalExecutor};
 use support::*;
 
@@ -317,6 +318,32 @@ async fn steps_see_their_env_and_not_the_engines() {
             "engine variable {engine_var} leaked"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn variables_passed_through_reach_the_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let artifacts = Arc::new(InMemoryArtifactStore::new());
+    let logs = Arc::new(InMemoryLogStore::default());
+    let exec = LocalExecutor::builder(dir.path().join("data"))
+        .artifact_store(Arc::clone(&artifacts) as Arc<dyn ArtifactStore>)
+        .log_store(Arc::clone(&logs) as _)
+        .base_env(BaseEnv::from_process().pass(["CARGO_MANIFEST_DIR", "SHIPINATOR_TEST_UNSET"]))
+        .build()
+        .unwrap();
+    let env = Env {
+        dir,
+        artifacts,
+        logs,
+        exec,
+    };
+    let spec = spec("echo \"$CARGO_MANIFEST_DIR\"; echo \"${SHIPINATOR_TEST_UNSET-unset}\"");
+    let r = finished(run(&env, &spec).await);
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert_eq!(
+        stdout(&env, &spec).await,
+        vec![env!("CARGO_MANIFEST_DIR").to_owned(), "unset".to_owned()]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
