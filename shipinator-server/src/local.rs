@@ -12,6 +12,7 @@ use shipinator_core::domain::{
 use shipinator_core::logs::LogStore;
 use shipinator_core::store::{PageRequest, Store, StoreError};
 use shipinator_core::time::Timestamp;
+use shipinator_local::worker::BaseEnv;
 use shipinator_local::{DataDir, LocalExecutor};
 use shipinator_nfs::{FsLogStore, NfsArtifactStore};
 use shipinator_sqlite::SqliteStore;
@@ -46,11 +47,13 @@ impl LocalStack {
         })
     }
 
-    /// The local-process executor over this data directory.
-    pub(crate) fn executor(&self) -> anyhow::Result<LocalExecutor> {
+    /// The local-process executor over this data directory; steps also get this process's
+    /// value of each variable named in `pass_env`.
+    pub(crate) fn executor(&self, pass_env: &[String]) -> anyhow::Result<LocalExecutor> {
         LocalExecutor::builder(self.data.root())
             .artifact_store(Arc::clone(&self.artifacts))
             .log_store(Arc::clone(&self.logs))
+            .base_env(BaseEnv::from_process().pass(pass_env.iter().cloned()))
             .grace_period(Duration::from_secs(5))
             .build()
             .context("starting the local executor")

@@ -9,6 +9,7 @@ use crate::cli::EXIT_USAGE;
 mod artifacts;
 mod counting;
 mod engine;
+mod local;
 mod rss;
 
 /// Which store a benchmark runs against.
@@ -39,6 +40,19 @@ pub(crate) enum BenchCommand {
     Engine(EngineArgs),
     /// Artifact upload and download throughput.
     Artifacts(ArtifactsArgs),
+    /// One run of sequential `true` steps on the local stack, against the per-step floor.
+    Local(LocalArgs),
+}
+
+/// Arguments of `bench local`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct LocalArgs {
+    /// The store (`sqlite` uses a file in a scratch data directory unless `--database` names one).
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Sequential steps in the run.
+    #[arg(long, default_value_t = 40)]
+    pub(crate) steps: u32,
 }
 
 /// Arguments of `bench engine`.
@@ -69,6 +83,7 @@ pub(crate) fn run(cmd: BenchCommand) -> u8 {
     match cmd {
         BenchCommand::Artifacts(args) => artifacts::run(&args),
         BenchCommand::Engine(args) => print_json_line(|| async move { engine::run(&args).await }),
+        BenchCommand::Local(args) => print_json_line(|| async move { local::run(&args).await }),
     }
 }
 

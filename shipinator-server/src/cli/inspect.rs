@@ -213,7 +213,7 @@ pub(crate) fn runs(data: &DataDirArg, cmd: RunsCommand) -> u8 {
             }
             RunsCommand::Cancel { run, output } => cancel(&stack, run, output).await,
             RunsCommand::Retry { run, output } => {
-                let executor = stack.executor()?;
+                let executor = stack.executor(&[])?;
                 let handle = Driver::new(
                     Arc::clone(&stack.store),
                     Arc::new(executor),
@@ -282,7 +282,7 @@ async fn cancel(stack: &LocalStack, run: RunId, output: OutputFormat) -> anyhow:
         eprintln!("no process drives run {run}; cancelling it here");
         let handle = Driver::new(
             Arc::clone(&stack.store),
-            Arc::new(stack.executor()?),
+            Arc::new(stack.executor(&[])?),
             super::run::driver_config(),
         )
         .spawn();

@@ -51,6 +51,11 @@ pub(crate) struct RunArgs {
     /// Continue the newest unfinished run of this data directory instead of starting one.
     #[arg(long)]
     pub(crate) resume: bool,
+    /// Hand steps this process's value of VAR (repeatable; e.g. `CARGO_TARGET_DIR`, so a build
+    /// inside a step reuses the caller's cache). Steps otherwise see only PATH, HOME, their
+    /// `env` and the SHIPINATOR_* variables.
+    #[arg(long = "pass-env", value_name = "VAR")]
+    pub(crate) pass_env: Vec<String>,
     /// Stream every log line of every step.
     #[arg(long)]
     pub(crate) logs: bool,
@@ -128,7 +133,7 @@ pub(crate) fn run(args: &RunArgs) -> u8 {
 
 async fn execute(args: &RunArgs) -> anyhow::Result<u8> {
     let stack = LocalStack::open(DataDir::new(&args.data_dir)).await?;
-    let executor = stack.executor()?;
+    let executor = stack.executor(&args.pass_env)?;
     let driver_config = driver_config();
 
     if args.resume {

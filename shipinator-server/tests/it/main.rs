@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod run;
+mod run_dogfood;
 mod run_signals;
 mod validate;
