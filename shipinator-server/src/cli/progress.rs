@@ -158,30 +158,31 @@ impl Progress {
 
     /// The live line of `step`, created in its place among the others.
     fn line(&mut self, step: StepId) -> &mut StepLine {
-        if !self.lines.contains_key(&step) {
-            let pos = self.order.iter().position(|s| *s == step);
-            // After the last existing line of an earlier step, so lines stay in step order.
-            let before = pos.and_then(|p| {
-                self.order[..p]
-                    .iter()
-                    .rev()
-                    .find_map(|s| self.lines.get(s).map(|l| l.bar.clone()))
-            });
-            let bar = ProgressBar::new_spinner();
-            let bar = match before {
-                Some(prev) => self.multi.insert_after(&prev, bar),
-                None => self.multi.insert(0, bar),
-            };
-            self.lines.insert(
-                step,
-                StepLine {
-                    bar,
-                    tail: VecDeque::new(),
-                },
-            );
+        let line = match self.lines.remove(&step) {
+            Some(line) => line,
+            None => self.new_line(step),
+        };
+        self.lines.entry(step).or_insert(line)
+    }
+
+    fn new_line(&self, step: StepId) -> StepLine {
+        let pos = self.order.iter().position(|s| *s == step);
+        // After the last existing line of an earlier step, so lines stay in step order.
+        let before = pos.and_then(|p| {
+            self.order[..p]
+                .iter()
+                .rev()
+                .find_map(|s| self.lines.get(s).map(|l| l.bar.clone()))
+        });
+        let bar = ProgressBar::new_spinner();
+        let bar = match before {
+            Some(prev) => self.multi.insert_after(&prev, bar),
+            None => self.multi.insert(0, bar),
+        };
+        StepLine {
+            bar,
+            tail: VecDeque::new(),
         }
-        #[allow(clippy::unwrap_used)] // inserted just above
-        self.lines.get_mut(&step).unwrap()
     }
 
     /// A log line of `step`.

@@ -1,15 +1,16 @@
 //! The repository's own pipelines: `.shipinator.yaml` (run in full by CI's dogfood phase) and
 //! the hello example, run from the repository's root as the README's quick start does.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::run::shipinator;
 
 fn repository_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    // Cargo's value at run time: the compile-time one names where the test was built, which
+    // in a pipeline's test stage is the build stage's workspace.
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")), PathBuf::from);
+    manifest.parent().unwrap().to_path_buf()
 }
 
 #[test]
