@@ -32,6 +32,9 @@ pub(crate) mod dto;
 pub(crate) mod error;
 pub(crate) mod metrics;
 
+#[cfg(test)]
+mod tests;
+
 pub(crate) use config::{Limits, ServerConfig};
 
 use crate::server::metrics::Metrics;
