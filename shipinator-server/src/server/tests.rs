@@ -1194,3 +1194,73 @@ async fn tokens_are_scoped_shown_once_and_revocable() {
         .await;
     assert_eq!(garbage.status, StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_then_retry_makes_a_linked_run() {
+    let h = harness(small_limits()).await;
+    let (_, pipeline, _repo, commit) = h.pipeline("cancel-retry", SLOW).await;
+    let run = h.trigger(pipeline, &commit).await;
+    h.running_execution(run).await;
+    let dev = h
+        .token("dev", TokenRole::Developer, ProjectScope::All)
+        .await;
+    let r = h
+        .call(
+            Method::POST,
+            &format!("/v1/pipeline-runs/{run}/cancel"),
+            Some(&dev),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    assert_eq!(h.finish(run).await["status"], "canceled");
+    let again = h
+        .call(
+            Method::POST,
+            &format!("/v1/pipeline-runs/{run}/cancel"),
+            Some(&dev),
+            None,
+        )
+        .await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+
+    let retried = h
+        .call(
+            Method::POST,
+            &format!("/v1/pipeline-runs/{run}/retry"),
+            Some(&dev),
+            None,
+        )
+        .await;
+    assert_eq!(retried.status, StatusCode::CREATED, "{:?}", retried.body);
+    let new = retried.json();
+    assert_eq!(new["retry_of"], run.to_string());
+    assert_eq!(new["requested_by"], "token:dev");
+    let new_id: RunId = new["id"].as_str().unwrap().parse().unwrap();
+    h.running_execution(new_id).await;
+    h.cancel_and_wait(new_id).await;
+    let listed = h
+        .call(
+            Method::GET,
+            &format!("/v1/pipeline-runs?pipeline={pipeline}&status=canceled&limit=1"),
+            Some(&dev),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(listed["items"].as_array().unwrap().len(), 1);
+    let cursor = listed["next_cursor"].as_str().expect("a second page");
+    let next = h
+        .call(
+            Method::GET,
+            &format!(
+                "/v1/pipeline-runs?pipeline={pipeline}&status=canceled&limit=1&cursor={cursor}"
+            ),
+            Some(&dev),
+            None,
+        )
+        .await
+        .json();
+    assert_eq!(next["items"][0]["id"], run.to_string());
+    assert!(next["next_cursor"].is_null());
+}

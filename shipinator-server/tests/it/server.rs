@@ -290,3 +290,217 @@ async fn serve_on_postgres_runs_a_pipeline_and_serves_its_artifact() {
     trigger_wait_download(&server).await;
     server.terminate();
 }
+
+/// A repository whose build waits for a file to exist (so a test controls when it ends) and
+/// writes an artifact.
+fn gated_repo(gate: &Path) -> (tempfile::TempDir, String) {
+    let repo = tempfile::tempdir().unwrap();
+    let config = format!(
+        "build:\n  steps:\n    - name: gated\n      run: while [ ! -e {gate} ]; do sleep 0.1; done; mkdir -p out && echo gated > out/g.bin\n      outputs:\n        - type: binary\n          path: out/g.bin\n",
+        gate = gate.display()
+    );
+    std::fs::write(repo.path().join(".shipinator.yaml"), config).unwrap();
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    git(repo.path(), &["add", "-A"]);
+    git(repo.path(), &["commit", "-qm", "init"]);
+    let commit = git(repo.path(), &["rev-parse", "HEAD"]);
+    (repo, commit)
+}
+
+/// Project, repository and pipeline for `repo`; returns the pipeline id.
+async fn register(server: &Server, name: &str, repo: &Path) -> String {
+    use reqwest::Method;
+    let (_, project) = server
+        .request(Method::POST, "/v1/projects", Some(json!({"name": name})))
+        .await;
+    let (_, repository) = server
+        .request(
+            Method::POST,
+            "/v1/repositories",
+            Some(json!({"project_id": project["id"], "clone_url": format!("file://{}", repo.display())})),
+        )
+        .await;
+    let (s, pipeline) = server
+        .request(
+            Method::POST,
+            "/v1/pipelines",
+            Some(json!({"repository_id": repository["id"], "name": "ci", "from_ref": "main"})),
+        )
+        .await;
+    assert_eq!(s, 201, "{pipeline}");
+    pipeline["id"].as_str().unwrap().to_owned()
+}
+
+async fn trigger(server: &Server, pipeline: &str, commit: &str) -> String {
+    let (s, run) = server
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/pipelines/{pipeline}/runs"),
+            Some(json!({"trigger": "manual", "branch": "main", "commit": commit})),
+        )
+        .await;
+    assert_eq!(s, 201, "{run}");
+    run["id"].as_str().unwrap().to_owned()
+}
+
+async fn wait_status(server: &Server, run: &str, wanted: &[&str]) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..1200 {
+        let (_, r) = server
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/pipeline-runs/{run}"),
+                None,
+            )
+            .await;
+        if wanted.contains(&r["status"].as_str().unwrap_or_default()) {
+            return r;
+        }
+        last = r;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("run {run} never reached {wanted:?}: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_survives_sigkill_of_the_server() {
+    let data = tempfile::tempdir().unwrap();
+    let gate = data.path().join("gate");
+    let (repo, commit) = gated_repo(&gate);
+    let server = Server::start(data.path(), &[]);
+    let pipeline = register(&server, "crash", repo.path()).await;
+    let run = trigger(&server, &pipeline, &commit).await;
+    wait_status(&server, &run, &["running"]).await;
+    drop(server); // SIGKILL mid-run
+    std::fs::write(&gate, "").unwrap();
+    let restarted = Server::start(data.path(), &[]);
+    let done = wait_status(&restarted, &run, &["success", "failed", "canceled"]).await;
+    assert_eq!(done["status"], "success", "{done}");
+    restarted.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_postgres_share_the_runs() {
+    let cluster = tokio::task::spawn_blocking(shipinator_postgres::testing::TestCluster::shared)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = cluster.create_database().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let env = [("SHIPINATOR_DATABASE__URL", url.as_str())];
+    let first = Server::start(data.path(), &env);
+    let second = Server::start(data.path(), &env);
+    assert_eq!(
+        first.admin, second.admin,
+        "the second replica reuses the first's admin token"
+    );
+    let repo = tempfile::tempdir().unwrap();
+    std::fs::write(repo.path().join(".shipinator.yaml"), PIPELINE).unwrap();
+    git(repo.path(), &["init", "-q", "-b", "main"]);
+    git(repo.path(), &["add", "-A"]);
+    git(repo.path(), &["commit", "-qm", "init"]);
+    let commit = git(repo.path(), &["rev-parse", "HEAD"]);
+    let pipeline = register(&first, "shared", repo.path()).await;
+    let mut runs = Vec::new();
+    for i in 0..4 {
+        let via = if i % 2 == 0 { &first } else { &second };
+        runs.push(trigger(via, &pipeline, &commit).await);
+    }
+    for run in &runs {
+        let done = wait_status(&second, run, &["success", "failed", "canceled"]).await;
+        assert_eq!(done["status"], "success", "{done}");
+    }
+    first.terminate();
+    second.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_is_a_503_and_recovers() {
+    let cluster = tokio::task::spawn_blocking(shipinator_postgres::testing::TestCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = cluster.create_database().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let server = Server::start(data.path(), &[("SHIPINATOR_DATABASE__URL", url.as_str())]);
+    let (s, _) = server
+        .request(reqwest::Method::GET, "/v1/projects", None)
+        .await;
+    assert_eq!(s, 200);
+    cluster.stop_immediate().unwrap();
+    let (s, body) = server
+        .request(reqwest::Method::GET, "/v1/projects", None)
+        .await;
+    assert_eq!(s, 503, "{body}");
+    assert_eq!(body["error"]["code"], "unavailable");
+    let ready = reqwest::get(format!("{}/readyz", server.base))
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 503);
+    cluster.start_again().unwrap();
+    let mut recovered = false;
+    for _ in 0..300 {
+        if reqwest::get(format!("{}/readyz", server.base))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+            == 200
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        recovered,
+        "readyz never recovered after the database came back"
+    );
+    let (s, _) = server
+        .request(reqwest::Method::GET, "/v1/projects", None)
+        .await;
+    assert_eq!(s, 200);
+    server.terminate();
+}
+
+#[test]
+fn tokens_cli_creates_lists_and_revokes() {
+    let data = tempfile::tempdir().unwrap();
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_shipinator"))
+            .arg("tokens")
+            .args(args)
+            .arg("--data-dir")
+            .arg(data.path())
+            .env_remove("SHIPINATOR_DATA_DIR")
+            .env_remove("SHIPINATOR_DATABASE__URL")
+            .output()
+            .unwrap()
+    };
+    let created = cli(&["create", "--name", "ci", "--role", "developer"]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let secret = String::from_utf8(created.stdout).unwrap().trim().to_owned();
+    assert!(secret.starts_with("shp_") && secret.len() == 68, "{secret}");
+    let listed = cli(&["list", "--output", "json"]);
+    assert!(listed.status.success());
+    let tokens: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(tokens[0]["name"], "ci");
+    assert_eq!(tokens[0]["role"], "developer");
+    assert!(tokens[0]["revoked_at"].is_null());
+    assert!(!String::from_utf8_lossy(&listed.stdout).contains(&secret));
+    let id = tokens[0]["id"].as_str().unwrap();
+    let revoked = cli(&["revoke", id]);
+    assert!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    let listed: Value = serde_json::from_slice(&cli(&["list", "--output", "json"]).stdout).unwrap();
+    assert!(listed[0]["revoked_at"].is_string());
+    let bad = cli(&["revoke", "not-an-id"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
