@@ -8,9 +8,11 @@ mod bench;
 mod cli;
 mod gitinfo;
 mod local;
+mod server;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    cli::init_tracing(&cli.global);
+    let json = matches!(cli.command, cli::Command::Serve(_));
+    cli::init_tracing(&cli.global, json);
     cli.run()
 }

@@ -6,4 +6,5 @@
 mod run;
 mod run_dogfood;
 mod run_signals;
+mod server;
 mod validate;
