@@ -80,6 +80,13 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(|| async {
             error::ApiError::not_found("no such endpoint; see /v1/openapi.json")
         })
+        .method_not_allowed_fallback(|| async {
+            error::ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method; see /v1/openapi.json",
+            )
+        })
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(

@@ -792,6 +792,10 @@ async fn errors_have_one_shape_and_name_the_field() {
     assert_eq!(bad_cursor.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad_cursor.json()["error"]["field"], "cursor");
 
+    let wrong_method = h.call(Method::PATCH, "/v1/projects", admin, None).await;
+    assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong_method.error_code(), "method_not_allowed");
+
     let no_route = h.call(Method::GET, "/v1/nothing-here", admin, None).await;
     assert_eq!(no_route.status, StatusCode::NOT_FOUND);
     assert_eq!(no_route.error_code(), "not_found");
