@@ -1268,3 +1268,32 @@ async fn cancel_then_retry_makes_a_linked_run() {
     assert_eq!(next["items"][0]["id"], run.to_string());
     assert!(next["next_cursor"].is_null());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_time_limit_is_a_408_in_the_error_shape() {
+    let h = harness(Limits {
+        request_timeout_secs: 1,
+        ..small_limits()
+    })
+    .await;
+    let (_, pipeline, _repo, commit) = h.pipeline("timeout", QUICK).await;
+    // Hold the lock keyed run requests take, so this one cannot finish in time.
+    let held = h.state.idempotency.lock().await;
+    let r = h
+        .raw(
+            Method::POST,
+            &format!("/v1/pipelines/{pipeline}/runs"),
+            Some(&h.admin),
+            &[("idempotency-key", "slow")],
+            Some(Body::from(
+                serde_json::to_vec(
+                    &json!({"trigger": "manual", "branch": "main", "commit": commit}),
+                )
+                .unwrap(),
+            )),
+        )
+        .await;
+    drop(held);
+    assert_eq!(r.status, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(r.error_code(), "timeout");
+}
