@@ -1077,10 +1077,60 @@ async fn worker_endpoints_take_only_a_live_executions_own_token() {
             &upload,
             tok,
             &headers,
-            Some(Body::from(payload)),
+            Some(Body::from(payload.clone())),
         )
         .await;
     assert_eq!(again.status, StatusCode::CONFLICT);
+
+    // Once registered to its run, the execution's own token may read it back.
+    let stored = h.state.artifacts.head(artifact).await.unwrap();
+    let row = shipinator_core::domain::Artifact {
+        id: artifact,
+        job_id: shipinator_core::domain::JobId::derive(
+            run,
+            shipinator_core::domain::JobType::Build,
+        ),
+        step_id: None,
+        run_id: run,
+        artifact_type: shipinator_core::domain::ArtifactType::File,
+        name: Some("blob".to_owned()),
+        path: None,
+        storage_backend: stored.backend.clone(),
+        storage_path: stored.storage_path.clone(),
+        checksum: Some(stored.checksum.clone()),
+        size: stored.size,
+        metadata: BTreeMap::new(),
+        created_at: stored.created_at,
+    };
+    h.state
+        .store
+        .commit(&shipinator_core::store::Batch {
+            fences: Vec::new(),
+            writes: vec![shipinator_core::store::Write::InsertArtifact(row)],
+        })
+        .await
+        .unwrap();
+    let read = h
+        .raw(
+            Method::GET,
+            &format!("/v1/artifacts/{artifact}/download"),
+            tok,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK, "{:?}", read.body);
+    assert_eq!(read.body.len(), payload.len());
+    let stranger_read = h
+        .raw(
+            Method::GET,
+            &format!("/v1/artifacts/{artifact}/download"),
+            Some(&execution_token(&h.state.secret, ExecutionId::new_v7())),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(stranger_read.status, StatusCode::FORBIDDEN);
     let big = format!(
         "/v1/executions/{execution}/artifacts/{}",
         ArtifactId::new_v7()
