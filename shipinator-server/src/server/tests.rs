@@ -792,6 +792,10 @@ async fn errors_have_one_shape_and_name_the_field() {
     assert_eq!(bad_cursor.status, StatusCode::BAD_REQUEST);
     assert_eq!(bad_cursor.json()["error"]["field"], "cursor");
 
+    let wrong_method = h.call(Method::PATCH, "/v1/projects", admin, None).await;
+    assert_eq!(wrong_method.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong_method.error_code(), "method_not_allowed");
+
     let no_route = h.call(Method::GET, "/v1/nothing-here", admin, None).await;
     assert_eq!(no_route.status, StatusCode::NOT_FOUND);
     assert_eq!(no_route.error_code(), "not_found");
@@ -1073,10 +1077,60 @@ async fn worker_endpoints_take_only_a_live_executions_own_token() {
             &upload,
             tok,
             &headers,
-            Some(Body::from(payload)),
+            Some(Body::from(payload.clone())),
         )
         .await;
     assert_eq!(again.status, StatusCode::CONFLICT);
+
+    // Once registered to its run, the execution's own token may read it back.
+    let stored = h.state.artifacts.head(artifact).await.unwrap();
+    let row = shipinator_core::domain::Artifact {
+        id: artifact,
+        job_id: shipinator_core::domain::JobId::derive(
+            run,
+            shipinator_core::domain::JobType::Build,
+        ),
+        step_id: None,
+        run_id: run,
+        artifact_type: shipinator_core::domain::ArtifactType::File,
+        name: Some("blob".to_owned()),
+        path: None,
+        storage_backend: stored.backend.clone(),
+        storage_path: stored.storage_path.clone(),
+        checksum: Some(stored.checksum.clone()),
+        size: stored.size,
+        metadata: BTreeMap::new(),
+        created_at: stored.created_at,
+    };
+    h.state
+        .store
+        .commit(&shipinator_core::store::Batch {
+            fences: Vec::new(),
+            writes: vec![shipinator_core::store::Write::InsertArtifact(row)],
+        })
+        .await
+        .unwrap();
+    let read = h
+        .raw(
+            Method::GET,
+            &format!("/v1/artifacts/{artifact}/download"),
+            tok,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(read.status, StatusCode::OK, "{:?}", read.body);
+    assert_eq!(read.body.len(), payload.len());
+    let stranger_read = h
+        .raw(
+            Method::GET,
+            &format!("/v1/artifacts/{artifact}/download"),
+            Some(&execution_token(&h.state.secret, ExecutionId::new_v7())),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(stranger_read.status, StatusCode::FORBIDDEN);
     let big = format!(
         "/v1/executions/{execution}/artifacts/{}",
         ArtifactId::new_v7()
@@ -1263,4 +1317,33 @@ async fn cancel_then_retry_makes_a_linked_run() {
         .json();
     assert_eq!(next["items"][0]["id"], run.to_string());
     assert!(next["next_cursor"].is_null());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_time_limit_is_a_408_in_the_error_shape() {
+    let h = harness(Limits {
+        request_timeout_secs: 1,
+        ..small_limits()
+    })
+    .await;
+    let (_, pipeline, _repo, commit) = h.pipeline("timeout", QUICK).await;
+    // Hold the lock keyed run requests take, so this one cannot finish in time.
+    let held = h.state.idempotency.lock().await;
+    let r = h
+        .raw(
+            Method::POST,
+            &format!("/v1/pipelines/{pipeline}/runs"),
+            Some(&h.admin),
+            &[("idempotency-key", "slow")],
+            Some(Body::from(
+                serde_json::to_vec(
+                    &json!({"trigger": "manual", "branch": "main", "commit": commit}),
+                )
+                .unwrap(),
+            )),
+        )
+        .await;
+    drop(held);
+    assert_eq!(r.status, StatusCode::REQUEST_TIMEOUT);
+    assert_eq!(r.error_code(), "timeout");
 }
