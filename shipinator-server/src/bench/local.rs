@@ -14,7 +14,7 @@ use shipinator_core::domain::{JobType, Project, ProjectId, RunStatus, Trigger};
 use shipinator_core::driver::Driver;
 use shipinator_core::executor::SourceSpec;
 use shipinator_core::orchestrator::RunRequest;
-use shipinator_core::store::Store;
+use shipinator_core::store::{RunEvent, RunEventKind, Store};
 use shipinator_core::time::Timestamp;
 use shipinator_local::{DataDir, LocalExecutor};
 use shipinator_nfs::{FsLogStore, NfsArtifactStore};
@@ -110,15 +110,29 @@ pub(crate) async fn run(args: &LocalArgs) -> anyhow::Result<serde_json::Value> {
         stages: Some(vec![JobType::Build]),
         requested_by: "bench".to_owned(),
     };
+    let mut events = handle.subscribe();
     let commits_before = store.commits.load(Ordering::Relaxed);
     let started = Instant::now();
     let id = handle.submit_run(request).await?;
-    let run = handle.wait_for_run(id).await?;
+    // The run's committed terminal event ends the clock (`wait_for_run` may add a poll
+    // interval to what is measured).
+    let status = loop {
+        match events.recv().await {
+            Ok(RunEvent {
+                run_id,
+                kind: RunEventKind::RunChanged { status, .. },
+                ..
+            }) if run_id == id && status.is_terminal() => break status,
+            Ok(_) => {}
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+            Err(e) => bail!("the engine stopped during the benchmark: {e}"),
+        }
+    };
     let total = started.elapsed();
     let commits = store.commits.load(Ordering::Relaxed) - commits_before;
     handle.shutdown().await.ok();
-    if run.status != RunStatus::Success {
-        bail!("the benchmark run ended {}, expected success", run.status);
+    if status != RunStatus::Success {
+        bail!("the benchmark run ended {status}, expected success");
     }
     let steps = f64::from(args.steps);
     let total_ms = ms(total);

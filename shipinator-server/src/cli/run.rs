@@ -410,6 +410,11 @@ async fn follow(
                 let Ok(event) = event else { continue };
                 if event.run_id != id { continue; }
                 match event.kind {
+                    // Events are sent once committed, so the store already says so; this
+                    // answers sooner than `wait_for_run`, which may wait out a poll interval.
+                    RunEventKind::RunChanged { status, .. } if status.is_terminal() => {
+                        break stack.store.get_run(id).await.context("reading the run")?;
+                    }
                     RunEventKind::StepChanged { step_id, status, attempt } => {
                         progress.step_changed(step_id, status, attempt, event.at);
                     }
