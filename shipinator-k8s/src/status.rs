@@ -11,7 +11,10 @@ use crate::manifest::STEP_CONTAINER;
 /// Waiting reasons of a container whose image cannot be pulled.
 const PULL_ERRORS: &[&str] = &["ErrImagePull", "ImagePullBackOff", "InvalidImageName"];
 
-/// What a Job and its pods say.
+/// What a Job and its pods say. The step container runs `shipinator worker`, which reports the
+/// step's result (exit code, artifacts) to the server's status callback and exits 0 once that
+/// report was delivered: a Job that completes says "reported", and the result the engine
+/// records is the callback's (which reaches the server before the pod ends).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Observed {
     /// A state the executor can report as is.
@@ -128,7 +131,14 @@ pub(crate) fn observe(id: ExecutionId, job: &Job, pods: Option<&[Pod]>) -> Obser
                     reason: "the pod was deleted".to_owned(),
                 })
             }
-            Some(code) if code != 0 => Observed::State(finished(id, code, None)),
+            // The worker exits 0 once it reported the step's result (whatever it was) to the
+            // server's status callback; anything else means the result never arrived, an
+            // infrastructure failure.
+            Some(code) if code != 0 => Observed::State(ExecutionState::Lost {
+                reason: format!(
+                    "the worker exited with code {code} without reporting the step's result"
+                ),
+            }),
             Some(_) | None => Observed::State(ExecutionState::Lost {
                 reason: format!(
                     "job failed ({reason}) without a terminated step container: the pod was deleted or lost"
@@ -281,7 +291,7 @@ mod tests {
             complete: Finished(exit 0, failure None)
             complete condition false: State(Pending)
             failed, pods unknown: NeedPods
-            failed, exit 3: Finished(exit 3, failure None)
+            failed, exit 3: State(Lost { reason: "the worker exited with code 3 without reporting the step's result" })
             failed, no pod: State(Lost { reason: "job failed (BackoffLimitExceeded) without a terminated step container: the pod was deleted or lost" })
             deadline, killed: Finished(exit 137, failure Some("timed out: the job exceeded its active deadline"))
             deadline, pods unknown: NeedPods
