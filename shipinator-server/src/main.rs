@@ -8,6 +8,7 @@ mod bench;
 mod cli;
 mod gitinfo;
 mod local;
+mod worker;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
