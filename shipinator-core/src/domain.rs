@@ -98,6 +98,8 @@ id_type!(/// Identifies an [`Artifact`].
     ArtifactId, "artifact");
 id_type!(/// Identifies an [`Execution`]: one attempt of one step on an executor.
     ExecutionId, "execution");
+id_type!(/// Identifies an API token ([`ApiToken`](crate::store::ApiToken)).
+    ApiTokenId, "token");
 
 /// The namespace under which deterministic child ids are derived (UUID v5).
 const ID_NAMESPACE: Uuid = Uuid::from_u128(0x5f1b_7c1e_8d2a_4e3b_9a6f_0c4d_2e8b_7a91);
@@ -298,6 +300,18 @@ text_enum! {
         Coverage = "coverage",
         /// Any other file.
         File = "file",
+    }
+}
+
+text_enum! {
+    /// What an API token may do (ordered: each role includes the ones before it).
+    TokenRole, "token role" {
+        /// Read runs, jobs, steps, logs and artifacts.
+        Viewer = "viewer",
+        /// Read, and trigger, cancel and retry runs.
+        Developer = "developer",
+        /// Everything, including projects, repositories, pipelines and tokens.
+        Admin = "admin",
     }
 }
 

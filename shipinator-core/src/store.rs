@@ -9,10 +9,14 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod access;
+
+pub use access::{ApiToken, IdempotencyRecord, ProjectScope};
+
 use crate::domain::{
-    Artifact, ArtifactId, Execution, ExecutionId, ExecutionStatus, Job, JobId, JobStatus, JobStep,
-    Pipeline, PipelineId, PipelineRun, Project, ProjectId, Repository, RepositoryId, RunId,
-    RunPhase, RunStatus, StepId, StepStatus, Trigger,
+    ApiTokenId, Artifact, ArtifactId, Execution, ExecutionId, ExecutionStatus, Job, JobId,
+    JobStatus, JobStep, Pipeline, PipelineId, PipelineRun, Project, ProjectId, Repository,
+    RepositoryId, RunId, RunPhase, RunStatus, StepId, StepStatus, Trigger,
 };
 use crate::error::BoxError;
 use crate::time::Timestamp;
@@ -423,6 +427,8 @@ impl StoreError {
 ///   the store's clock and the run can then be claimed again with a higher epoch, after which
 ///   the previous holder's fenced batches fail with `Fenced`.
 /// - `claim_executions` hands each queued execution to exactly one worker, once.
+/// - API tokens are found by their secret's hash, revoked idempotently, listed newest first;
+///   an idempotency record is stored once per (pipeline, key) and never replaced.
 ///
 /// # Errors
 /// See [`StoreError`]. `Unavailable` means the call had no effect and may be retried.
@@ -535,4 +541,32 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Executions whose claim expired by the store's clock and are not terminal: their
     /// workers are presumed lost. Each is returned once.
     async fn take_expired_execution_claims(&self) -> Result<Vec<ExecutionClaim>, StoreError>;
+
+    /// Inserts an API token. A taken id or secret hash is `AlreadyExists`.
+    async fn create_api_token(&self, token: &ApiToken) -> Result<(), StoreError>;
+    /// Every API token, revoked ones included, newest first.
+    async fn list_api_tokens(&self) -> Result<Vec<ApiToken>, StoreError>;
+    /// The token whose secret hashes to `secret_sha256` (revoked or not); `NotFound` otherwise.
+    async fn find_api_token(&self, secret_sha256: &str) -> Result<ApiToken, StoreError>;
+    /// Revokes a token at `at` and returns it; revoking a revoked token keeps its first
+    /// revocation time. `NotFound` for an unknown id.
+    async fn revoke_api_token(&self, id: ApiTokenId, at: Timestamp)
+    -> Result<ApiToken, StoreError>;
+    /// Records that a token was used at `at`. `NotFound` for an unknown id.
+    async fn touch_api_token(&self, id: ApiTokenId, at: Timestamp) -> Result<(), StoreError>;
+
+    /// Records `record` unless its (pipeline, key) is already recorded, and returns the
+    /// record stored for that (pipeline, key): `record` itself, or the earlier one, whose
+    /// fingerprint and run the caller compares. A missing pipeline or run is `Invalid` or
+    /// `NotFound`.
+    async fn put_idempotency_record(
+        &self,
+        record: &IdempotencyRecord,
+    ) -> Result<IdempotencyRecord, StoreError>;
+    /// The record of (pipeline, key), if any.
+    async fn get_idempotency_record(
+        &self,
+        pipeline: PipelineId,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
 }

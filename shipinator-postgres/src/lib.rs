@@ -45,6 +45,7 @@ use shipinator_core::error::BoxError;
 use shipinator_core::store::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+mod access;
 mod rows;
 mod store;
 mod wakeups;

@@ -5,12 +5,12 @@ use std::fmt;
 use std::time::Duration;
 
 use shipinator_core::domain::{
-    Artifact, ArtifactId, Execution, ExecutionId, Job, JobId, JobStep, Pipeline, PipelineId,
-    PipelineRun, Project, ProjectId, Repository, RepositoryId, RunId, StepId,
+    ApiTokenId, Artifact, ArtifactId, Execution, ExecutionId, Job, JobId, JobStep, Pipeline,
+    PipelineId, PipelineRun, Project, ProjectId, Repository, RepositoryId, RunId, StepId,
 };
 use shipinator_core::store::{
-    Batch, ExecutionClaim, NewRun, Page, PageRequest, RunEvent, RunFilter, RunLease, RunRecord,
-    Store, StoreError, StoredEvent, Write,
+    ApiToken, Batch, ExecutionClaim, IdempotencyRecord, NewRun, Page, PageRequest, RunEvent,
+    RunFilter, RunLease, RunRecord, Store, StoreError, StoredEvent, Write,
 };
 use shipinator_core::time::Timestamp;
 use sqlx::PgConnection;
@@ -31,11 +31,11 @@ const EVENT_LOCK_KEY: i64 = 0x5348_4950_4556_5401;
 /// Job order by stage, as `JobType::ORDER`.
 const STAGE_ORDER: &str = "array_position(ARRAY['build','test','deploy']::TEXT[], j.job_type)";
 
-fn db(e: sqlx::Error) -> StoreError {
+pub(crate) fn db(e: sqlx::Error) -> StoreError {
     Error::from_sqlx(e).into()
 }
 
-fn from_rows(e: Error) -> StoreError {
+pub(crate) fn from_rows(e: Error) -> StoreError {
     e.into()
 }
 
@@ -48,7 +48,7 @@ fn violated_key(e: &dyn sqlx::error::DatabaseError) -> Option<String> {
 }
 
 /// Maps an insert's failure: unique → `AlreadyExists`, foreign key or check → `Invalid`.
-fn insert_err(e: sqlx::Error, what: &'static str, id: impl fmt::Display) -> StoreError {
+pub(crate) fn insert_err(e: sqlx::Error, what: &'static str, id: impl fmt::Display) -> StoreError {
     if let sqlx::Error::Database(d) = &e {
         match d.kind() {
             ErrorKind::UniqueViolation => {
@@ -1422,6 +1422,45 @@ impl Store for PgStore {
         }
         claims.sort_by_key(|c| (c.expires_at, c.execution_id));
         Ok(claims)
+    }
+
+    async fn create_api_token(&self, token: &ApiToken) -> Result<(), StoreError> {
+        self.create_api_token_impl(token).await
+    }
+
+    async fn list_api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        self.list_api_tokens_impl().await
+    }
+
+    async fn find_api_token(&self, secret_sha256: &str) -> Result<ApiToken, StoreError> {
+        self.find_api_token_impl(secret_sha256).await
+    }
+
+    async fn revoke_api_token(
+        &self,
+        id: ApiTokenId,
+        at: Timestamp,
+    ) -> Result<ApiToken, StoreError> {
+        self.revoke_api_token_impl(id, at).await
+    }
+
+    async fn touch_api_token(&self, id: ApiTokenId, at: Timestamp) -> Result<(), StoreError> {
+        self.touch_api_token_impl(id, at).await
+    }
+
+    async fn put_idempotency_record(
+        &self,
+        record: &IdempotencyRecord,
+    ) -> Result<IdempotencyRecord, StoreError> {
+        self.put_idempotency_record_impl(record).await
+    }
+
+    async fn get_idempotency_record(
+        &self,
+        pipeline: PipelineId,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.get_idempotency_record_impl(pipeline, key).await
     }
 }
 

@@ -8,10 +8,12 @@ mod bench;
 mod cli;
 mod gitinfo;
 mod local;
+mod server;
 mod worker;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    cli::init_tracing(&cli.global);
+    let json = matches!(cli.command, cli::Command::Serve(_));
+    cli::init_tracing(&cli.global, json);
     cli.run()
 }

@@ -35,6 +35,7 @@
 //! is this process's wall clock. Processes sharing one file run on one machine and so share that
 //! clock. Tests can inject a clock with [`SqliteStoreOptions::clock`].
 
+mod access;
 pub mod bench;
 mod error;
 mod rows;

@@ -69,14 +69,14 @@ pub(crate) use {
     repository_columns, run_columns, stage_order, step_columns,
 };
 
-fn get<'r, T>(row: &'r SqliteRow, column: &'static str) -> Result<T, Error>
+pub(crate) fn get<'r, T>(row: &'r SqliteRow, column: &'static str) -> Result<T, Error>
 where
     T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
 {
     row.try_get(column).map_err(|e| Error::decode(column, e))
 }
 
-fn parse<T>(row: &SqliteRow, column: &'static str) -> Result<T, Error>
+pub(crate) fn parse<T>(row: &SqliteRow, column: &'static str) -> Result<T, Error>
 where
     T: FromStr,
     T::Err: std::fmt::Display,
@@ -95,11 +95,11 @@ where
         .transpose()
 }
 
-fn time(row: &SqliteRow, column: &'static str) -> Result<Timestamp, Error> {
+pub(crate) fn time(row: &SqliteRow, column: &'static str) -> Result<Timestamp, Error> {
     Ok(Timestamp::from_unix_micros(get(row, column)?))
 }
 
-fn time_opt(row: &SqliteRow, column: &'static str) -> Result<Option<Timestamp>, Error> {
+pub(crate) fn time_opt(row: &SqliteRow, column: &'static str) -> Result<Option<Timestamp>, Error> {
     let micros: Option<i64> = get(row, column)?;
     Ok(micros.map(Timestamp::from_unix_micros))
 }

@@ -4,12 +4,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use shipinator_core::domain::{
-    Artifact, ArtifactId, Execution, ExecutionId, Job, JobId, JobStep, Pipeline, PipelineId,
-    PipelineRun, Project, ProjectId, Repository, RepositoryId, RunId, StepId,
+    ApiTokenId, Artifact, ArtifactId, Execution, ExecutionId, Job, JobId, JobStep, Pipeline,
+    PipelineId, PipelineRun, Project, ProjectId, Repository, RepositoryId, RunId, StepId,
 };
 use shipinator_core::store::{
-    Batch, ExecutionClaim, NewRun, Page, PageRequest, RunEvent, RunFilter, RunLease, RunRecord,
-    Store, StoreError, StoredEvent, Write,
+    ApiToken, Batch, ExecutionClaim, IdempotencyRecord, NewRun, Page, PageRequest, RunEvent,
+    RunFilter, RunLease, RunRecord, Store, StoreError, StoredEvent, Write,
 };
 use shipinator_core::time::Timestamp;
 use sqlx::sqlite::{SqliteConnection, SqlitePool, SqliteRow};
@@ -23,12 +23,15 @@ use crate::rows::{
 use crate::{BACKEND, SqliteStore};
 
 /// Maps a query error with no row to name.
-fn db(e: sqlx::Error) -> StoreError {
+pub(crate) fn db(e: sqlx::Error) -> StoreError {
     Error::from(e).into()
 }
 
 /// Maps a query error about the row `what` `id` (constraint violations name it).
-fn db_row(what: &'static str, id: impl ToString) -> impl FnOnce(sqlx::Error) -> StoreError {
+pub(crate) fn db_row(
+    what: &'static str,
+    id: impl ToString,
+) -> impl FnOnce(sqlx::Error) -> StoreError {
     move |e| Error::from(e).into_store(what, id)
 }
 
@@ -70,7 +73,9 @@ fn page<T>(mut items: Vec<T>, limit: u32, id: impl Fn(&T) -> String) -> Page<T> 
     Page { items, next_cursor }
 }
 
-async fn begin_write(pool: &SqlitePool) -> Result<Transaction<'static, Sqlite>, StoreError> {
+pub(crate) async fn begin_write(
+    pool: &SqlitePool,
+) -> Result<Transaction<'static, Sqlite>, StoreError> {
     pool.begin_with("BEGIN IMMEDIATE").await.map_err(db)
 }
 
@@ -1154,5 +1159,44 @@ impl Store for SqliteStore {
         let mut claims = decode(&rows, rows::claim)?;
         claims.sort_by_key(|c| (c.expires_at, c.execution_id));
         Ok(claims)
+    }
+
+    async fn create_api_token(&self, token: &ApiToken) -> Result<(), StoreError> {
+        self.create_api_token_impl(token).await
+    }
+
+    async fn list_api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        self.list_api_tokens_impl().await
+    }
+
+    async fn find_api_token(&self, secret_sha256: &str) -> Result<ApiToken, StoreError> {
+        self.find_api_token_impl(secret_sha256).await
+    }
+
+    async fn revoke_api_token(
+        &self,
+        id: ApiTokenId,
+        at: Timestamp,
+    ) -> Result<ApiToken, StoreError> {
+        self.revoke_api_token_impl(id, at).await
+    }
+
+    async fn touch_api_token(&self, id: ApiTokenId, at: Timestamp) -> Result<(), StoreError> {
+        self.touch_api_token_impl(id, at).await
+    }
+
+    async fn put_idempotency_record(
+        &self,
+        record: &IdempotencyRecord,
+    ) -> Result<IdempotencyRecord, StoreError> {
+        self.put_idempotency_record_impl(record).await
+    }
+
+    async fn get_idempotency_record(
+        &self,
+        pipeline: PipelineId,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.get_idempotency_record_impl(pipeline, key).await
     }
 }

@@ -17,13 +17,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use crate::domain::{
-    Artifact, ArtifactId, ArtifactType, Execution, ExecutionId, Job, JobId, JobStep, JobType,
-    Pipeline, PipelineId, PipelineRun, Project, ProjectId, Repository, RepositoryId, RunId,
-    RunPhase, RunStatus, Status, StepId, Trigger,
+    ApiTokenId, Artifact, ArtifactId, ArtifactType, Execution, ExecutionId, Job, JobId, JobStep,
+    JobType, Pipeline, PipelineId, PipelineRun, Project, ProjectId, Repository, RepositoryId,
+    RunId, RunPhase, RunStatus, Status, StepId, TokenRole, Trigger,
 };
 use crate::store::{
-    Batch, Fence, NewRun, PageRequest, RunEvent, RunEventKind, RunFilter, RunLease, Store,
-    StoreError, Write,
+    ApiToken, Batch, Fence, IdempotencyRecord, NewRun, PageRequest, ProjectScope, RunEvent,
+    RunEventKind, RunFilter, RunLease, Store, StoreError, Write,
 };
 use crate::time::Timestamp;
 
@@ -70,6 +70,8 @@ pub async fn all(store: &dyn Store, caps: &StoreCaps) {
     lists_of_projects_repositories_pipelines_paginate(store).await;
     list_all_artifacts_paginates(store).await;
     events_are_ordered(store).await;
+    api_tokens_are_found_by_hash_and_revoked(store).await;
+    idempotency_records_keep_the_first(store).await;
     if caps.leases {
         lease_claims_are_exclusive(store).await;
         lease_expires_and_run_is_rescued(store, caps).await;
@@ -1753,4 +1755,226 @@ pub async fn expired_execution_claims_are_taken_once(store: &dyn Store, caps: &S
         "renewing a claim that was taken as expired must be LeaseLost, got {r:?}"
     );
     cancel_runs(store, &[run]).await;
+}
+
+fn new_token(name: &str, role: TokenRole, scope: ProjectScope, now: Timestamp) -> ApiToken {
+    use sha2::Digest;
+    let id = ApiTokenId::new_v7();
+    ApiToken {
+        id,
+        name: name.to_owned(),
+        role,
+        scope,
+        secret_sha256: hex_lower(&sha2::Sha256::digest(id.0.as_bytes())),
+        created_at: now,
+        last_used_at: None,
+        revoked_at: None,
+    }
+}
+
+fn hex_lower(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    bytes.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// API tokens round-trip with their scope, are found by hash, listed newest first, touched,
+/// and revoked once (a second revocation keeps the first time); duplicates are refused.
+pub async fn api_tokens_are_found_by_hash_and_revoked(store: &dyn Store) {
+    let f = fixture(store).await;
+    let all = new_token(
+        "conformance-admin",
+        TokenRole::Admin,
+        ProjectScope::All,
+        f.now,
+    );
+    let scoped = new_token(
+        "conformance-viewer",
+        TokenRole::Viewer,
+        ProjectScope::Projects(vec![f.project.id]),
+        f.now,
+    );
+    ok(store.create_api_token(&all).await, "create_api_token");
+    ok(store.create_api_token(&scoped).await, "create_api_token");
+    assert_eq!(
+        ok(
+            store.find_api_token(&all.secret_sha256).await,
+            "find_api_token"
+        ),
+        all,
+        "a token is found by its hash unchanged"
+    );
+    assert_eq!(
+        ok(
+            store.find_api_token(&scoped.secret_sha256).await,
+            "find_api_token"
+        ),
+        scoped,
+        "a scoped token keeps its project list"
+    );
+    match store.find_api_token(&"0".repeat(64)).await {
+        Err(StoreError::NotFound { .. }) => {}
+        other => panic!("find_api_token of an unknown hash must be NotFound, got {other:?}"),
+    }
+    let mut dup = new_token("dup", TokenRole::Viewer, ProjectScope::All, f.now);
+    dup.id = all.id;
+    match store.create_api_token(&dup).await {
+        Err(StoreError::AlreadyExists { .. }) => {}
+        other => panic!("a token with a taken id must be AlreadyExists, got {other:?}"),
+    }
+    let mut dup = new_token("dup", TokenRole::Viewer, ProjectScope::All, f.now);
+    dup.secret_sha256.clone_from(&all.secret_sha256);
+    match store.create_api_token(&dup).await {
+        Err(StoreError::AlreadyExists { .. }) => {}
+        other => panic!("a token with a taken secret hash must be AlreadyExists, got {other:?}"),
+    }
+    let listed: Vec<ApiTokenId> = ok(store.list_api_tokens().await, "list_api_tokens")
+        .into_iter()
+        .map(|t| t.id)
+        .filter(|id| *id == all.id || *id == scoped.id)
+        .collect();
+    assert_eq!(
+        listed,
+        vec![scoped.id, all.id],
+        "list_api_tokens lists newest first"
+    );
+
+    let used = f.now + Duration::from_secs(5);
+    ok(
+        store.touch_api_token(scoped.id, used).await,
+        "touch_api_token",
+    );
+    let found = ok(
+        store.find_api_token(&scoped.secret_sha256).await,
+        "find_api_token",
+    );
+    assert_eq!(found.last_used_at, Some(used), "touch records last_used_at");
+
+    let revoked_at = f.now + Duration::from_secs(10);
+    let revoked = ok(
+        store.revoke_api_token(all.id, revoked_at).await,
+        "revoke_api_token",
+    );
+    assert_eq!(
+        revoked.revoked_at,
+        Some(revoked_at),
+        "revoke sets revoked_at"
+    );
+    let again = ok(
+        store
+            .revoke_api_token(all.id, revoked_at + Duration::from_secs(1))
+            .await,
+        "revoke_api_token again",
+    );
+    assert_eq!(
+        again.revoked_at,
+        Some(revoked_at),
+        "revoking twice keeps the first revocation time"
+    );
+    assert_eq!(
+        ok(
+            store.find_api_token(&all.secret_sha256).await,
+            "find_api_token"
+        )
+        .revoked_at,
+        Some(revoked_at),
+        "a revoked token is still found, marked revoked"
+    );
+    match store
+        .revoke_api_token(ApiTokenId::new_v7(), revoked_at)
+        .await
+    {
+        Err(StoreError::NotFound { .. }) => {}
+        other => panic!("revoking an unknown token must be NotFound, got {other:?}"),
+    }
+    match store
+        .touch_api_token(ApiTokenId::new_v7(), revoked_at)
+        .await
+    {
+        Err(StoreError::NotFound { .. }) => {}
+        other => panic!("touching an unknown token must be NotFound, got {other:?}"),
+    }
+}
+
+/// The first record of a (pipeline, key) wins; the same key of another pipeline is separate;
+/// a record for a missing pipeline or run is refused.
+pub async fn idempotency_records_keep_the_first(store: &dyn Store) {
+    let f = fixture(store).await;
+    let other = fixture(store).await;
+    let first = new_run(f.pipeline.id, "main", Trigger::Push, f.now);
+    let second = new_run(f.pipeline.id, "main", Trigger::Push, f.now);
+    let third = new_run(other.pipeline.id, "main", Trigger::Push, f.now);
+    for new in [&first, &second, &third] {
+        create_run(store, new).await;
+    }
+    let key = format!("key-{}", uuid::Uuid::now_v7());
+    assert_eq!(
+        ok(
+            store.get_idempotency_record(f.pipeline.id, &key).await,
+            "get_idempotency_record"
+        ),
+        None,
+        "an unknown key has no record"
+    );
+    let record = IdempotencyRecord {
+        pipeline_id: f.pipeline.id,
+        key: key.clone(),
+        fingerprint: "sha256:one".to_owned(),
+        run_id: first.run.id,
+        created_at: f.now,
+    };
+    assert_eq!(
+        ok(
+            store.put_idempotency_record(&record).await,
+            "put_idempotency_record"
+        ),
+        record,
+        "the first record is stored and returned"
+    );
+    let later = IdempotencyRecord {
+        fingerprint: "sha256:two".to_owned(),
+        run_id: second.run.id,
+        ..record.clone()
+    };
+    assert_eq!(
+        ok(
+            store.put_idempotency_record(&later).await,
+            "put_idempotency_record again"
+        ),
+        record,
+        "a second record under the same key returns the first, unchanged"
+    );
+    assert_eq!(
+        ok(
+            store.get_idempotency_record(f.pipeline.id, &key).await,
+            "get_idempotency_record"
+        ),
+        Some(record.clone()),
+        "get returns the first record"
+    );
+    let elsewhere = IdempotencyRecord {
+        pipeline_id: other.pipeline.id,
+        run_id: third.run.id,
+        ..later.clone()
+    };
+    assert_eq!(
+        ok(
+            store.put_idempotency_record(&elsewhere).await,
+            "put_idempotency_record in another pipeline"
+        ),
+        elsewhere,
+        "keys are per pipeline"
+    );
+    let orphan = IdempotencyRecord {
+        key: format!("key-{}", uuid::Uuid::now_v7()),
+        run_id: RunId::new_v7(),
+        ..record.clone()
+    };
+    match store.put_idempotency_record(&orphan).await {
+        Err(StoreError::NotFound { .. } | StoreError::Invalid { .. }) => {}
+        other => panic!("a record of a missing run must be refused, got {other:?}"),
+    }
+    cancel_runs(store, &[first.run.id, second.run.id, third.run.id]).await;
 }

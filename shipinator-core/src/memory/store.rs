@@ -27,14 +27,14 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use crate::domain::{
-    Artifact, ArtifactId, Execution, ExecutionId, Job, JobId, JobStep, Pipeline, PipelineId,
-    PipelineRun, Project, ProjectId, Repository, RepositoryId, RunId, RunPhase, RunStatus, Status,
-    StepId,
+    ApiTokenId, Artifact, ArtifactId, Execution, ExecutionId, Job, JobId, JobStep, Pipeline,
+    PipelineId, PipelineRun, Project, ProjectId, Repository, RepositoryId, RunId, RunPhase,
+    RunStatus, Status, StepId,
 };
 use crate::memory::{Clock, system_clock};
 use crate::store::{
-    Batch, ExecutionClaim, NewRun, Page, PageRequest, RunFilter, RunLease, RunRecord, Store,
-    StoreError, StoredEvent, Write,
+    ApiToken, Batch, ExecutionClaim, IdempotencyRecord, NewRun, Page, PageRequest, RunFilter,
+    RunLease, RunRecord, Store, StoreError, StoredEvent, Write,
 };
 use crate::time::Timestamp;
 
@@ -78,6 +78,8 @@ struct Inner {
     /// Pending executions never claimed, per executor type, oldest first.
     queue: HashMap<String, BTreeSet<(Timestamp, ExecutionId)>>,
     claims: HashMap<ExecutionId, ExecutionClaim>,
+    tokens: BTreeMap<ApiTokenId, ApiToken>,
+    idempotency: HashMap<(PipelineId, String), IdempotencyRecord>,
 }
 
 struct RunEntry {
@@ -1142,5 +1144,91 @@ impl Store for InMemoryStore {
         }
         out.sort_by_key(|c| (c.expires_at, c.execution_id));
         Ok(out)
+    }
+
+    async fn create_api_token(&self, token: &ApiToken) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if inner.tokens.contains_key(&token.id) {
+            return Err(StoreError::already_exists(ApiTokenId::WHAT, token.id));
+        }
+        if inner
+            .tokens
+            .values()
+            .any(|t| t.secret_sha256 == token.secret_sha256)
+        {
+            return Err(StoreError::already_exists(
+                ApiTokenId::WHAT,
+                "with this secret",
+            ));
+        }
+        inner.tokens.insert(token.id, token.clone());
+        Ok(())
+    }
+
+    async fn list_api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        Ok(self.lock().tokens.values().rev().cloned().collect())
+    }
+
+    async fn find_api_token(&self, secret_sha256: &str) -> Result<ApiToken, StoreError> {
+        self.lock()
+            .tokens
+            .values()
+            .find(|t| t.secret_sha256 == secret_sha256)
+            .cloned()
+            .ok_or_else(|| StoreError::not_found(ApiTokenId::WHAT, "with this secret"))
+    }
+
+    async fn revoke_api_token(
+        &self,
+        id: ApiTokenId,
+        at: Timestamp,
+    ) -> Result<ApiToken, StoreError> {
+        let mut inner = self.lock();
+        let token = inner
+            .tokens
+            .get_mut(&id)
+            .ok_or_else(|| StoreError::not_found(ApiTokenId::WHAT, id))?;
+        token.revoked_at.get_or_insert(at);
+        Ok(token.clone())
+    }
+
+    async fn touch_api_token(&self, id: ApiTokenId, at: Timestamp) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let token = inner
+            .tokens
+            .get_mut(&id)
+            .ok_or_else(|| StoreError::not_found(ApiTokenId::WHAT, id))?;
+        token.last_used_at = Some(at);
+        Ok(())
+    }
+
+    async fn put_idempotency_record(
+        &self,
+        record: &IdempotencyRecord,
+    ) -> Result<IdempotencyRecord, StoreError> {
+        let mut inner = self.lock();
+        if !inner.pipelines.contains_key(&record.pipeline_id) {
+            return Err(StoreError::not_found(PipelineId::WHAT, record.pipeline_id));
+        }
+        if !inner.runs.contains_key(&record.run_id) {
+            return Err(StoreError::not_found(RunId::WHAT, record.run_id));
+        }
+        Ok(inner
+            .idempotency
+            .entry((record.pipeline_id, record.key.clone()))
+            .or_insert_with(|| record.clone())
+            .clone())
+    }
+
+    async fn get_idempotency_record(
+        &self,
+        pipeline: PipelineId,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        Ok(self
+            .lock()
+            .idempotency
+            .get(&(pipeline, key.to_owned()))
+            .cloned())
     }
 }

@@ -6,12 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use shipinator_core::domain::{
-    Artifact, ArtifactId, Execution, ExecutionId, Job, JobId, JobStep, Pipeline, PipelineId,
-    PipelineRun, Project, ProjectId, Repository, RepositoryId, RunId, StepId,
+    ApiTokenId, Artifact, ArtifactId, Execution, ExecutionId, Job, JobId, JobStep, Pipeline,
+    PipelineId, PipelineRun, Project, ProjectId, Repository, RepositoryId, RunId, StepId,
 };
 use shipinator_core::store::{
-    Batch, ExecutionClaim, NewRun, Page, PageRequest, RunFilter, RunLease, RunRecord, Store,
-    StoreError, StoredEvent, Write,
+    ApiToken, Batch, ExecutionClaim, IdempotencyRecord, NewRun, Page, PageRequest, RunFilter,
+    RunLease, RunRecord, Store, StoreError, StoredEvent, Write,
 };
 use shipinator_core::time::Timestamp;
 
@@ -188,5 +188,37 @@ impl Store for CountingStore {
     }
     async fn take_expired_execution_claims(&self) -> Result<Vec<ExecutionClaim>, StoreError> {
         self.inner.take_expired_execution_claims().await
+    }
+    async fn create_api_token(&self, token: &ApiToken) -> Result<(), StoreError> {
+        self.inner.create_api_token(token).await
+    }
+    async fn list_api_tokens(&self) -> Result<Vec<ApiToken>, StoreError> {
+        self.inner.list_api_tokens().await
+    }
+    async fn find_api_token(&self, secret_sha256: &str) -> Result<ApiToken, StoreError> {
+        self.inner.find_api_token(secret_sha256).await
+    }
+    async fn revoke_api_token(
+        &self,
+        id: ApiTokenId,
+        at: Timestamp,
+    ) -> Result<ApiToken, StoreError> {
+        self.inner.revoke_api_token(id, at).await
+    }
+    async fn touch_api_token(&self, id: ApiTokenId, at: Timestamp) -> Result<(), StoreError> {
+        self.inner.touch_api_token(id, at).await
+    }
+    async fn put_idempotency_record(
+        &self,
+        record: &IdempotencyRecord,
+    ) -> Result<IdempotencyRecord, StoreError> {
+        self.inner.put_idempotency_record(record).await
+    }
+    async fn get_idempotency_record(
+        &self,
+        pipeline: PipelineId,
+        key: &str,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        self.inner.get_idempotency_record(pipeline, key).await
     }
 }

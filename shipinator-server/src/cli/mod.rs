@@ -71,6 +71,15 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: inspect::ArtifactsCommand,
     },
+    /// Serve the HTTP API: state, artifacts and logs as configured, steps on the executor.
+    Serve(crate::cli::serve::ServeArgs),
+    /// Create, list and revoke API tokens in the configured store.
+    Tokens {
+        #[command(flatten)]
+        server: crate::cli::serve::ServeArgs,
+        #[command(subcommand)]
+        command: crate::cli::tokens::TokensCommand,
+    },
     /// Measure the engine and its backends; each subcommand prints one JSON line.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -88,6 +97,8 @@ impl Cli {
             Command::Runs { data, command } => inspect::runs(&data, command),
             Command::Logs { data, args } => inspect::logs(&data, args),
             Command::Artifacts { data, command } => inspect::artifacts(&data, command),
+            Command::Serve(args) => serve::run(&args),
+            Command::Tokens { server, command } => tokens::run(&server, command),
             Command::Bench(cmd) => bench::run(cmd),
             Command::Worker(args) => crate::worker::run(args),
         };
@@ -95,16 +106,26 @@ impl Cli {
     }
 }
 
-/// Diagnostics go to stderr so stdout stays machine-readable.
-pub(crate) fn init_tracing(global: &GlobalArgs) {
+/// Diagnostics go to stderr so stdout stays machine-readable; `serve` logs JSON lines.
+pub(crate) fn init_tracing(global: &GlobalArgs, json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_new(&global.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 pub(crate) mod inspect;
 pub(crate) mod run;
+pub(crate) mod serve;
+pub(crate) mod tokens;
 pub(crate) mod validate;

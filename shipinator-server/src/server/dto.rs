@@ -1,0 +1,547 @@
+//! The API's JSON shapes: serializable counterparts of the domain entities, with OpenAPI
+//! schemas. Times are RFC 3339 strings; ids are UUIDs; enums use the domain's spellings.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use shipinator_core::domain::{
+    Artifact, ArtifactId, ArtifactType, Execution, ExecutionId, ExecutionStatus, Job, JobId,
+    JobStatus, JobStep, JobType, Pipeline, PipelineId, PipelineRun, Project, ProjectId, Repository,
+    RepositoryId, RunId, RunPhase, RunStatus, StepId, StepStatus, TokenRole, Trigger,
+};
+use shipinator_core::executor::ProducedArtifact;
+use shipinator_core::logs::{LogLine, LogStream};
+use shipinator_core::store::ApiToken;
+use shipinator_core::time::Timestamp;
+use utoipa::{IntoParams, ToSchema};
+
+fn ts(t: Timestamp) -> String {
+    t.to_rfc3339()
+}
+
+fn ts_opt(t: Option<Timestamp>) -> Option<String> {
+    t.map(Timestamp::to_rfc3339)
+}
+
+/// A project.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct ProjectDto {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) id: ProjectId,
+    pub(crate) name: String,
+    pub(crate) description: Option<String>,
+    pub(crate) created_at: String,
+    pub(crate) updated_at: String,
+}
+
+impl From<Project> for ProjectDto {
+    fn from(p: Project) -> Self {
+        Self {
+            id: p.id,
+            name: p.name,
+            description: p.description,
+            created_at: ts(p.created_at),
+            updated_at: ts(p.updated_at),
+        }
+    }
+}
+
+/// A new project.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateProject {
+    /// Unique name.
+    pub(crate) name: String,
+    pub(crate) description: Option<String>,
+}
+
+/// A repository.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct RepositoryDto {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) id: RepositoryId,
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) project_id: ProjectId,
+    /// `git`, `gitea`, `github`, ...
+    pub(crate) provider: String,
+    pub(crate) clone_url: String,
+    pub(crate) default_branch: String,
+    pub(crate) created_at: String,
+    pub(crate) updated_at: String,
+}
+
+impl From<Repository> for RepositoryDto {
+    fn from(r: Repository) -> Self {
+        Self {
+            id: r.id,
+            project_id: r.project_id,
+            provider: r.vcs_provider,
+            clone_url: r.clone_url,
+            default_branch: r.default_branch,
+            created_at: ts(r.created_at),
+            updated_at: ts(r.updated_at),
+        }
+    }
+}
+
+/// A new repository.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateRepository {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) project_id: ProjectId,
+    /// `file://`, `https://` or `ssh://` URL the workers clone.
+    pub(crate) clone_url: String,
+    /// Default `main`.
+    pub(crate) default_branch: Option<String>,
+    /// Default `git`.
+    pub(crate) provider: Option<String>,
+}
+
+/// A pipeline.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct PipelineDto {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) id: PipelineId,
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) repository_id: RepositoryId,
+    pub(crate) name: String,
+    #[schema(value_type = String, example = "push")]
+    pub(crate) trigger_type: Trigger,
+    /// The `.shipinator.yaml` text.
+    pub(crate) config: String,
+    pub(crate) created_at: String,
+    pub(crate) updated_at: String,
+}
+
+impl From<Pipeline> for PipelineDto {
+    fn from(p: Pipeline) -> Self {
+        Self {
+            id: p.id,
+            repository_id: p.repository_id,
+            name: p.name,
+            trigger_type: p.trigger_type,
+            config: p.source_spec,
+            created_at: ts(p.created_at),
+            updated_at: ts(p.updated_at),
+        }
+    }
+}
+
+/// A new pipeline, from a `.shipinator.yaml` body (`config`) or read from the repository
+/// (`from_ref`: only `file://` repositories whose working tree has that branch checked out).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreatePipeline {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) repository_id: RepositoryId,
+    /// Unique within the repository.
+    pub(crate) name: String,
+    /// Default `manual`.
+    #[schema(value_type = Option<String>, example = "push")]
+    pub(crate) trigger_type: Option<Trigger>,
+    /// The `.shipinator.yaml` text.
+    pub(crate) config: Option<String>,
+    /// Read `.shipinator.yaml` from the repository at this branch instead.
+    pub(crate) from_ref: Option<String>,
+}
+
+/// A run request (DMD §4.1): what to build, from which commit, and why.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RunRequestBody {
+    /// `pr`, `push` or `manual`.
+    #[schema(value_type = String, example = "push")]
+    pub(crate) trigger: Trigger,
+    /// Branch name (`main`); matched against the pipeline's triggers.
+    pub(crate) branch: String,
+    /// Git ref to record and fetch (`refs/pull/4/head`); default the branch.
+    #[serde(rename = "ref")]
+    pub(crate) git_ref: Option<String>,
+    /// The exact commit (hex sha).
+    pub(crate) commit: String,
+    /// For manual runs, the stages to run (`build`, `test`, `deploy`); default build and test.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub(crate) stages: Option<Vec<JobType>>,
+}
+
+/// A run.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct RunDto {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) id: RunId,
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) pipeline_id: PipelineId,
+    #[serde(rename = "ref")]
+    pub(crate) git_ref: String,
+    pub(crate) commit: String,
+    #[schema(value_type = String, example = "running")]
+    pub(crate) status: RunStatus,
+    #[schema(value_type = String, example = "building")]
+    pub(crate) phase: RunPhase,
+    #[schema(value_type = String, example = "push")]
+    pub(crate) trigger: Trigger,
+    #[schema(value_type = Vec<String>)]
+    pub(crate) requested_stages: Vec<JobType>,
+    pub(crate) requested_by: String,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub(crate) retry_of: Option<RunId>,
+    pub(crate) created_at: String,
+    pub(crate) started_at: Option<String>,
+    pub(crate) finished_at: Option<String>,
+}
+
+impl From<PipelineRun> for RunDto {
+    fn from(r: PipelineRun) -> Self {
+        Self {
+            id: r.id,
+            pipeline_id: r.pipeline_id,
+            git_ref: r.git_ref,
+            commit: r.git_sha,
+            status: r.status,
+            phase: r.phase,
+            trigger: r.trigger,
+            requested_stages: r.requested_stages,
+            requested_by: r.requested_by,
+            retry_of: r.retry_of,
+            created_at: ts(r.created_at),
+            started_at: ts_opt(r.started_at),
+            finished_at: ts_opt(r.finished_at),
+        }
+    }
+}
+
+/// A job: one stage of a run.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct JobDto {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) id: JobId,
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) run_id: RunId,
+    #[serde(rename = "type")]
+    #[schema(value_type = String, example = "build")]
+    pub(crate) job_type: JobType,
+    pub(crate) name: String,
+    #[schema(value_type = String, example = "succeeded")]
+    pub(crate) status: JobStatus,
+    pub(crate) created_at: String,
+    pub(crate) started_at: Option<String>,
+    pub(crate) finished_at: Option<String>,
+}
+
+impl From<Job> for JobDto {
+    fn from(j: Job) -> Self {
+        Self {
+            id: j.id,
+            run_id: j.pipeline_run_id,
+            job_type: j.job_type,
+            name: j.name,
+            status: j.status,
+            created_at: ts(j.created_at),
+            started_at: ts_opt(j.started_at),
+            finished_at: ts_opt(j.finished_at),
+        }
+    }
+}
+
+/// An execution: one attempt of a step on an executor.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct ExecutionDto {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) id: ExecutionId,
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) step_id: StepId,
+    pub(crate) attempt: u32,
+    pub(crate) executor_type: String,
+    pub(crate) external_id: String,
+    #[schema(value_type = String, example = "running")]
+    pub(crate) status: ExecutionStatus,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) failure: Option<String>,
+    /// The step log's reference (`logs://<execution id>`).
+    pub(crate) logs_ref: String,
+    pub(crate) submitted_at: String,
+    pub(crate) completed_at: Option<String>,
+}
+
+impl From<Execution> for ExecutionDto {
+    fn from(e: Execution) -> Self {
+        Self {
+            logs_ref: shipinator_core::logs::logs_uri(e.id),
+            id: e.id,
+            step_id: e.job_step_id,
+            attempt: e.attempt,
+            executor_type: e.executor_type,
+            external_id: e.external_id,
+            status: e.status,
+            exit_code: e.exit_code,
+            failure: e.failure,
+            submitted_at: ts(e.submitted_at),
+            completed_at: ts_opt(e.completed_at),
+        }
+    }
+}
+
+/// A step with its executions.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct StepDto {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) id: StepId,
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) job_id: JobId,
+    pub(crate) name: String,
+    pub(crate) execution_order: u32,
+    pub(crate) parallel_group: Option<String>,
+    #[schema(value_type = String, example = "succeeded")]
+    pub(crate) status: StepStatus,
+    pub(crate) attempt: u32,
+    pub(crate) created_at: String,
+    pub(crate) started_at: Option<String>,
+    pub(crate) finished_at: Option<String>,
+    pub(crate) executions: Vec<ExecutionDto>,
+}
+
+impl StepDto {
+    pub(crate) fn new(s: JobStep, executions: Vec<ExecutionDto>) -> Self {
+        Self {
+            id: s.id,
+            job_id: s.job_id,
+            name: s.name,
+            execution_order: s.execution_order,
+            parallel_group: s.parallel_group,
+            status: s.status,
+            attempt: s.attempt,
+            created_at: ts(s.created_at),
+            started_at: ts_opt(s.started_at),
+            finished_at: ts_opt(s.finished_at),
+            executions,
+        }
+    }
+}
+
+/// Artifact metadata (DMD §2.7).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct ArtifactDto {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) id: ArtifactId,
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) run_id: RunId,
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) job_id: JobId,
+    #[schema(value_type = Option<String>, format = Uuid)]
+    pub(crate) step_id: Option<StepId>,
+    #[serde(rename = "type")]
+    #[schema(value_type = String, example = "binary")]
+    pub(crate) artifact_type: ArtifactType,
+    pub(crate) name: Option<String>,
+    pub(crate) path: Option<String>,
+    pub(crate) storage_backend: String,
+    pub(crate) storage_path: String,
+    pub(crate) checksum: Option<String>,
+    pub(crate) size: u64,
+    pub(crate) metadata: BTreeMap<String, String>,
+    pub(crate) created_at: String,
+}
+
+impl From<Artifact> for ArtifactDto {
+    fn from(a: Artifact) -> Self {
+        Self {
+            id: a.id,
+            run_id: a.run_id,
+            job_id: a.job_id,
+            step_id: a.step_id,
+            artifact_type: a.artifact_type,
+            name: a.name,
+            path: a.path,
+            storage_backend: a.storage_backend,
+            storage_path: a.storage_path,
+            checksum: a.checksum,
+            size: a.size,
+            metadata: a.metadata,
+            created_at: ts(a.created_at),
+        }
+    }
+}
+
+/// A page of a listing.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct PageDto<T> {
+    pub(crate) items: Vec<T>,
+    /// Pass as `cursor` for the next page; absent on the last page.
+    pub(crate) next_cursor: Option<String>,
+}
+
+/// Paging parameters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct PageQuery {
+    /// Items per page, 1 to 1000 (default 50).
+    pub(crate) limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub(crate) cursor: Option<String>,
+}
+
+/// Run listing filters.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct RunQuery {
+    /// Runs of this pipeline.
+    #[param(value_type = Option<String>, format = Uuid)]
+    pub(crate) pipeline: Option<PipelineId>,
+    /// Runs with this status.
+    #[param(value_type = Option<String>)]
+    pub(crate) status: Option<RunStatus>,
+    /// Runs of this branch or ref.
+    pub(crate) branch: Option<String>,
+    /// Items per page, 1 to 1000 (default 50).
+    pub(crate) limit: Option<u32>,
+    /// The `next_cursor` of the previous page.
+    pub(crate) cursor: Option<String>,
+}
+
+/// A log line as the API returns it.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct LogLineDto {
+    pub(crate) seq: u64,
+    pub(crate) at: String,
+    #[schema(value_type = String, example = "stdout")]
+    pub(crate) stream: LogStream,
+    pub(crate) text: String,
+}
+
+impl From<LogLine> for LogLineDto {
+    fn from(l: LogLine) -> Self {
+        Self {
+            seq: l.seq,
+            at: ts(l.at),
+            stream: l.stream,
+            text: l.text,
+        }
+    }
+}
+
+/// A step's log lines.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct LogPage {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) execution_id: ExecutionId,
+    pub(crate) lines: Vec<LogLineDto>,
+    /// Pass as `from_seq` to read on.
+    pub(crate) next_seq: u64,
+}
+
+/// Log query.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct LogQuery {
+    /// Which attempt (default the step's current one).
+    pub(crate) attempt: Option<u32>,
+    /// First sequence number (default 0).
+    pub(crate) from_seq: Option<u64>,
+    /// Most lines (default 1000, at most 10000).
+    pub(crate) limit: Option<usize>,
+    /// Stream as Server-Sent Events until the log ends (resumable with `Last-Event-ID`).
+    pub(crate) follow: Option<bool>,
+}
+
+/// An API token (never its secret).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct TokenDto {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) id: shipinator_core::domain::ApiTokenId,
+    pub(crate) name: String,
+    #[schema(value_type = String, example = "viewer")]
+    pub(crate) role: TokenRole,
+    /// The projects it is scoped to; absent for every project.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub(crate) projects: Option<Vec<ProjectId>>,
+    pub(crate) created_at: String,
+    pub(crate) last_used_at: Option<String>,
+    pub(crate) revoked_at: Option<String>,
+}
+
+impl From<ApiToken> for TokenDto {
+    fn from(t: ApiToken) -> Self {
+        Self {
+            projects: t.scope.as_list().map(<[ProjectId]>::to_vec),
+            id: t.id,
+            name: t.name,
+            role: t.role,
+            created_at: ts(t.created_at),
+            last_used_at: ts_opt(t.last_used_at),
+            revoked_at: ts_opt(t.revoked_at),
+        }
+    }
+}
+
+/// A new token.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CreateToken {
+    pub(crate) name: String,
+    #[schema(value_type = String, example = "developer")]
+    pub(crate) role: TokenRole,
+    /// Scope to these projects; absent for every project.
+    #[schema(value_type = Option<Vec<String>>)]
+    pub(crate) projects: Option<Vec<ProjectId>>,
+}
+
+/// A created token: the secret is shown here once.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct CreatedToken {
+    /// Send as `Authorization: Bearer <token>`. Not retrievable later.
+    pub(crate) token: String,
+    #[serde(flatten)]
+    pub(crate) info: TokenDto,
+}
+
+/// What a worker reports (DMD §4.3, with artifacts as objects carrying their id).
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ExecutionStatusBody {
+    /// `running`, `success`, `failed` or `lost`.
+    #[schema(value_type = String, example = "success")]
+    pub(crate) status: ReportedStatus,
+    pub(crate) exit_code: Option<i32>,
+    pub(crate) logs_uri: Option<String>,
+    /// Produced artifacts, as `shipinator_core::executor::ProducedArtifact` objects.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub(crate) artifacts: Vec<ProducedArtifact>,
+    pub(crate) failure: Option<String>,
+}
+
+/// A worker's status word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum ReportedStatus {
+    Running,
+    Success,
+    Failed,
+    Lost,
+}
+
+/// Log lines a worker appends.
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogBatch {
+    /// `shipinator_core::logs::LogLine` objects (`seq`, `at` in microseconds, `stream`, `text`).
+    #[schema(value_type = Vec<Object>)]
+    pub(crate) lines: Vec<LogLine>,
+}
+
+/// A stored upload.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct UploadedArtifact {
+    #[schema(value_type = String, format = Uuid)]
+    pub(crate) id: ArtifactId,
+    pub(crate) size: u64,
+    /// `sha256:<hex>`.
+    pub(crate) checksum: String,
+}
+
+/// Liveness and readiness.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub(crate) struct Health {
+    pub(crate) status: String,
+}

@@ -1,0 +1,363 @@
+//! `shipinator serve`: the HTTP API (DMD §4) over the engine and its backends.
+//!
+//! [`router`] builds the whole application from an [`AppState`] (tests drive it with
+//! `oneshot`); [`run`] composes the backends from a [`ServerConfig`], starts the driver, serves
+//! until SIGTERM or SIGINT and shuts down within a bound.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, StatusCode};
+use axum::routing::get;
+use shipinator_core::artifact::ArtifactStore;
+use shipinator_core::domain::TokenRole;
+use shipinator_core::driver::{Driver, DriverConfig, DriverHandle};
+use shipinator_core::executor::Executor;
+use shipinator_core::logs::LogStore;
+use shipinator_core::store::{ProjectScope, Store};
+use tokio::sync::{Mutex, watch};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+pub(crate) mod api;
+pub(crate) mod auth;
+pub(crate) mod config;
+pub(crate) mod dto;
+pub(crate) mod error;
+pub(crate) mod metrics;
+
+pub(crate) use config::{Limits, ServerConfig};
+
+use crate::server::metrics::Metrics;
+
+/// What every handler shares.
+#[derive(Debug, Clone)]
+pub(crate) struct AppState {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) artifacts: Arc<dyn ArtifactStore>,
+    pub(crate) logs: Arc<dyn LogStore>,
+    pub(crate) driver: DriverHandle,
+    /// The server secret execution tokens are derived from.
+    pub(crate) secret: Arc<[u8]>,
+    pub(crate) limits: Arc<Limits>,
+    pub(crate) metrics: Metrics,
+    /// Serialises keyed (`Idempotency-Key`) run requests in this process.
+    pub(crate) idempotency: Arc<Mutex<()>>,
+    /// Turns `true` when the server shuts down: long-lived streams end.
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// The application: every route, with tracing, request ids, timeouts and body limits.
+pub(crate) fn router(state: AppState) -> Router {
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let limits = Arc::clone(&state.limits);
+    let bounded = api::bounded_routes()
+        .layer(DefaultBodyLimit::max(limits.json_body_bytes))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(limits.request_timeout_secs.max(1)),
+        ));
+    let streaming = api::streaming_routes().layer(DefaultBodyLimit::disable());
+    let (routes, openapi) = bounded.merge(streaming).split_for_parts();
+    let openapi = Arc::new(openapi);
+    routes
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                let doc = Arc::clone(&openapi);
+                async move { axum::Json(doc.as_ref().clone()) }
+            }),
+        )
+        .fallback(|| async {
+            error::ApiError::not_found("no such endpoint; see /v1/openapi.json")
+        })
+        .with_state(state)
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(
+            |req: &axum::http::Request<axum::body::Body>| {
+                let id = req
+                    .headers()
+                    .get("x-request-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default();
+                tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
+            },
+        ))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+}
+
+/// The backends `serve` runs on.
+#[derive(Debug)]
+pub(crate) struct Backends {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) artifacts: Arc<dyn ArtifactStore>,
+    pub(crate) logs: Arc<dyn LogStore>,
+    pub(crate) executor: Arc<dyn Executor>,
+}
+
+/// Opens the store a configuration names (migrating it).
+pub(crate) async fn open_store(config: &ServerConfig) -> anyhow::Result<Arc<dyn Store>> {
+    let url = config.database.url.as_deref().unwrap_or_default();
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let mut options = shipinator_postgres::PgStoreOptions::default();
+        if let Some(n) = config.database.max_connections {
+            options = options.max_connections(n);
+        }
+        let store = shipinator_postgres::PgStore::connect_with(url, options)
+            .await
+            .context("connecting to PostgreSQL (database.url)")?;
+        return Ok(Arc::new(store));
+    }
+    let path = match url.strip_prefix("sqlite://") {
+        Some(p) => std::path::PathBuf::from(p),
+        None if url.is_empty() => config.data_dir.join("state.db"),
+        None => std::path::PathBuf::from(url),
+    };
+    let store = shipinator_sqlite::SqliteStore::open(&path)
+        .await
+        .with_context(|| format!("opening the SQLite database {}", path.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Composes the configured backends; with no configuration, the data directory's.
+pub(crate) async fn open_backends(config: &ServerConfig) -> anyhow::Result<Backends> {
+    let data = shipinator_local::DataDir::new(&config.data_dir);
+    data.create_all()
+        .with_context(|| format!("creating the data directory {}", config.data_dir.display()))?;
+    let store = open_store(config).await?;
+    let artifacts: Arc<dyn ArtifactStore> = match (&config.artifacts.s3, &config.artifacts.path) {
+        (Some(s3), _) => {
+            let mut b = shipinator_nfs::S3ArtifactStoreBuilder::from_env()
+                .with_bucket(&s3.bucket)
+                .with_allow_http(s3.allow_http)
+                .with_size_limit(config.limits.artifact_bytes);
+            if let Some(e) = &s3.endpoint {
+                b = b.with_endpoint(e);
+            }
+            if let Some(r) = &s3.region {
+                b = b.with_region(r);
+            }
+            if let Some(p) = &s3.prefix {
+                b = b.with_prefix(p);
+            }
+            Arc::new(b.build().context("configuring the S3 artifact store")?)
+        }
+        (None, path) => {
+            let path = path.clone().unwrap_or_else(|| data.artifacts());
+            Arc::new(
+                shipinator_nfs::NfsArtifactStore::new(&path)
+                    .with_context(|| format!("opening the artifact store {}", path.display()))?,
+            )
+        }
+    };
+    let logs_base = config
+        .logs
+        .path
+        .clone()
+        .unwrap_or_else(|| data.root().to_path_buf());
+    let logs: Arc<dyn LogStore> = Arc::new(
+        shipinator_nfs::FsLogStore::new(&logs_base)
+            .with_context(|| format!("opening the log store under {}", logs_base.display()))?,
+    );
+    let executor: Arc<dyn Executor> = match config.executor {
+        config::ExecutorConfig::Local => Arc::new(
+            shipinator_local::LocalExecutor::builder(data.root())
+                .artifact_store(Arc::clone(&artifacts))
+                .log_store(Arc::clone(&logs))
+                .grace_period(Duration::from_secs(5))
+                .build()
+                .context("starting the local executor")?,
+        ),
+    };
+    Ok(Backends {
+        store,
+        artifacts,
+        logs,
+        executor,
+    })
+}
+
+/// Writes `contents` to a new file readable only by its owner.
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The server secret: read from its file, or generated (32 random bytes, hex) at first start.
+pub(crate) fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => {
+            let secret = hex::decode(text.trim()).with_context(|| {
+                format!("{} must hold the server secret in hex", path.display())
+            })?;
+            if secret.len() < 16 {
+                anyhow::bail!(
+                    "the server secret in {} is shorter than 16 bytes",
+                    path.display()
+                );
+            }
+            Ok(secret)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let mut bytes = [0_u8; 32];
+            getrandom::fill(&mut bytes)
+                .map_err(|e| anyhow::anyhow!("the system random source failed: {e}"))?;
+            write_private(path, &format!("{}\n", hex::encode(bytes)))?;
+            Ok(bytes.to_vec())
+        }
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// At first start (no token at all), creates an admin token, prints it once and writes it to
+/// `<data_dir>/admin-token` (mode 0600).
+async fn bootstrap_admin(state: &AppState, data_dir: &Path) -> anyhow::Result<()> {
+    if !state.store.list_api_tokens().await?.is_empty() {
+        return Ok(());
+    }
+    let (secret, _) = api::tokens::issue(
+        state,
+        "admin".to_owned(),
+        TokenRole::Admin,
+        ProjectScope::All,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("creating the first admin token: {}", e.message))?;
+    let file = data_dir.join("admin-token");
+    write_private(&file, &format!("{secret}\n"))?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "admin token (shown once; also in {}): {secret}",
+        file.display()
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs the server until a signal, then shuts down within `shutdown_timeout_secs`.
+pub(crate) async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let backends = open_backends(&config).await?;
+    let secret = load_or_create_secret(&config.secret_file())?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    let addr = listener.local_addr()?;
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{addr}"));
+
+    let driver = Driver::new(
+        Arc::clone(&backends.store),
+        Arc::clone(&backends.executor),
+        DriverConfig {
+            owner: format!("serve-{}", uuid::Uuid::now_v7()),
+            ..DriverConfig::default()
+        },
+    )
+    .spawn();
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let state = AppState {
+        store: Arc::clone(&backends.store),
+        artifacts: backends.artifacts,
+        logs: backends.logs,
+        driver: driver.clone(),
+        secret: Arc::from(secret),
+        limits: Arc::new(config.limits.clone()),
+        metrics: Metrics::global(),
+        idempotency: Arc::new(Mutex::new(())),
+        shutdown: stop_rx.clone(),
+    };
+    bootstrap_admin(&state, &config.data_dir).await?;
+    let event_metrics = metrics::spawn_event_metrics(&driver);
+    let app = router(state);
+
+    tracing::info!(%addr, %public_url, store = backends.store.backend(), executor = backends.executor.kind(), "serving");
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{addr}")?;
+        out.flush()?;
+    }
+    let mut stopping = stop_rx.clone();
+    let server = tokio::spawn(
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                signal().await;
+                tracing::info!("shutting down: no new connections, draining requests");
+                let _ = stop_tx.send(true);
+            })
+            .into_future(),
+    );
+    let bound = Duration::from_secs(config.shutdown_timeout_secs.max(1));
+    tokio::pin!(server);
+    let served = tokio::select! {
+        r = &mut server => Some(r),
+        _ = stopping.wait_for(|s| *s) => None,
+    };
+    let served = match served {
+        Some(r) => r,
+        None => match tokio::time::timeout(bound, &mut server).await {
+            Ok(r) => r,
+            Err(_) => {
+                tracing::warn!(
+                    seconds = bound.as_secs(),
+                    "requests still running at the shutdown bound; closing them"
+                );
+                server.abort();
+                Ok(Ok(()))
+            }
+        },
+    };
+    match tokio::time::timeout(bound, driver.shutdown()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "driver shutdown"),
+        Err(_) => {
+            tracing::warn!("the driver did not stop in time; its leases expire by themselves");
+            driver.abort();
+        }
+    }
+    event_metrics.abort();
+    drop(backends.store);
+    tracing::info!("stopped");
+    served
+        .context("the server task failed")?
+        .context("serving HTTP")
+}
