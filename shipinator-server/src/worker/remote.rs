@@ -96,12 +96,13 @@ fn artifact_error(id: ArtifactId, e: ClientError) -> ArtifactError {
 #[derive(Debug, Deserialize)]
 struct ServerArtifact {
     size: u64,
-    checksum: String,
+    #[serde(default)]
+    checksum: Option<String>,
     #[serde(default, alias = "backend")]
     storage_backend: Option<String>,
     #[serde(default)]
     storage_path: Option<String>,
-    #[serde(default)]
+    #[serde(default, alias = "type")]
     artifact_type: Option<ArtifactType>,
     #[serde(default)]
     content_type: Option<String>,
@@ -124,7 +125,7 @@ impl ServerArtifact {
                 .unwrap_or_else(|| REMOTE_BACKEND.to_owned()),
             storage_path: self.storage_path.unwrap_or_else(|| id.to_string()),
             size: self.size,
-            checksum: self.checksum,
+            checksum: self.checksum.unwrap_or_default(),
             created_at: Timestamp::now(),
             meta,
         }
@@ -237,12 +238,13 @@ impl ArtifactStore for RemoteArtifactStore {
                 format!("sha256:{}", hex::encode(t.hasher.finalize())),
             )
         };
-        if answer.size != size || !answer.checksum.eq_ignore_ascii_case(&checksum) {
+        let stored_checksum = answer.checksum.as_deref().unwrap_or("none");
+        if answer.size != size || !stored_checksum.eq_ignore_ascii_case(&checksum) {
             return Err(ArtifactError::Corrupt {
                 id,
                 detail: format!(
-                    "sent {size} bytes with {checksum}, the server stored {} bytes with {}",
-                    answer.size, answer.checksum
+                    "sent {size} bytes with {checksum}, the server stored {} bytes with {stored_checksum}",
+                    answer.size
                 ),
             });
         }
