@@ -31,6 +31,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cli::{EXIT_FAILED, EXIT_OK, EXIT_USAGE};
 
 mod client;
+pub(crate) mod process;
 mod remote;
 
 use client::{ServerClient, StatusReport};
@@ -40,6 +41,8 @@ use remote::{RemoteArtifactStore, RemoteLogStore};
 pub(crate) const SPEC_ENV: &str = "SHIPINATOR_EXECUTION_SPEC";
 /// The env var holding the execution's bearer token.
 pub(crate) const TOKEN_ENV: &str = "SHIPINATOR_EXECUTION_TOKEN";
+/// The env var naming the file the terminal report is also written to.
+pub(crate) const RESULT_FILE_ENV: &str = "SHIPINATOR_RESULT_FILE";
 /// Why a worker stopped by a signal reports its execution lost.
 const STOPPED: &str =
     "the worker was stopped (SIGTERM) before the step ended; its process group was stopped";
@@ -69,6 +72,10 @@ pub(crate) struct WorkerArgs {
     /// How long to keep retrying the terminal status report.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     report_timeout: u64,
+    /// Also write the terminal report (JSON) to FILE before sending it, for an executor that
+    /// reads it back.
+    #[arg(long, env = "SHIPINATOR_RESULT_FILE", value_name = "FILE")]
+    result_file: Option<PathBuf>,
 }
 
 /// Runs `shipinator worker`.
@@ -113,7 +120,9 @@ async fn run_async(args: WorkerArgs) -> u8 {
             // Nothing ran, but the server can still learn why.
             let failure = format!("the worker could not start: {e:#}");
             eprintln!("error: {failure}");
-            return deliver(&client, &StatusReport::not_run(id, failure), report_timeout).await;
+            let report = StatusReport::not_run(id, failure);
+            record(args.result_file.as_deref(), &report);
+            return deliver(&client, &report, report_timeout).await;
         }
     };
     let (spec, ctx) = ctx;
@@ -123,12 +132,18 @@ async fn run_async(args: WorkerArgs) -> u8 {
         WorkerOutcome::Canceled => report_timeout.min(Duration::from_secs(10)),
         WorkerOutcome::Finished(_) => report_timeout,
     };
-    deliver(
-        &client,
-        &StatusReport::from_outcome(id, &outcome, STOPPED),
-        timeout,
-    )
-    .await
+    let report = StatusReport::from_outcome(id, &outcome, STOPPED);
+    record(args.result_file.as_deref(), &report);
+    deliver(&client, &report, timeout).await
+}
+
+/// Writes the terminal report to the result file, if there is one.
+fn record(file: Option<&Path>, report: &StatusReport) {
+    if let Some(file) = file
+        && let Err(e) = process::write_result(file, report)
+    {
+        tracing::warn!(file = %file.display(), error = %format!("{e:#}"), "writing the result file failed");
+    }
 }
 
 /// Reads the spec and builds the worker context.

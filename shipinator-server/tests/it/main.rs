@@ -5,3 +5,4 @@
 
 mod run;
 mod validate;
+mod worker;
