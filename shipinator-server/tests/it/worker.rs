@@ -118,6 +118,12 @@ impl Server {
 
     /// A pipeline of `repo`, triggered manually at `commit`; returns the run once it ended.
     async fn run(&self, repo: &Path, pipeline: &str, commit: &str) -> Value {
+        let id = self.trigger(repo, pipeline, commit).await;
+        self.wait(&id).await
+    }
+
+    /// A pipeline of `repo`, triggered manually at `commit`; returns the run's id.
+    async fn trigger(&self, repo: &Path, pipeline: &str, commit: &str) -> String {
         let project = self
             .post("/v1/projects", json!({"name": format!("p-{}", uuid())}))
             .await;
@@ -139,7 +145,11 @@ impl Server {
                 json!({"trigger": "manual", "branch": "main", "commit": commit}),
             )
             .await;
-        let id = run["id"].as_str().unwrap().to_owned();
+        run["id"].as_str().unwrap().to_owned()
+    }
+
+    /// The run once it ended.
+    async fn wait(&self, id: &str) -> Value {
         // A bound against a hang, not a timing assertion.
         for _ in 0..1200 {
             let run = self.get(&format!("/v1/pipeline-runs/{id}")).await;
@@ -396,4 +406,55 @@ async fn a_worker_that_cannot_report_exits_non_zero_and_says_why() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("did not answer"), "{stderr}");
     assert!(stderr.contains(&url), "{stderr}");
+}
+
+const SLOW: &str = r#"
+build:
+  steps:
+    - name: sleeps
+      run: sleep 300 & echo $! > sleep.pid; wait
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_run_stops_the_worker_and_its_steps_process_group() {
+    let server = Server::start();
+    let (repo, head) = repo(SLOW);
+    let id = server.trigger(repo.path(), SLOW, &head).await;
+    let pidfile = server
+        .data
+        .path()
+        .join("data/workspaces")
+        .join(&id)
+        .join("build/sleep.pid");
+    let mut pid = None;
+    for _ in 0..1200 {
+        if let Some(p) = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok())
+        {
+            pid = Some(p);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let pid = pid.expect("the step started");
+    let proc_dir = format!("/proc/{pid}");
+    assert!(Path::new(&proc_dir).exists());
+    server
+        .post(&format!("/v1/pipeline-runs/{id}/cancel"), json!({}))
+        .await;
+    let run = server.wait(&id).await;
+    assert_eq!(run["status"], "canceled", "{run}");
+    // The executor sent TERM to the worker, which stopped the step's whole process group.
+    let mut gone = false;
+    for _ in 0..300 {
+        let state = std::fs::read_to_string(format!("{proc_dir}/stat")).unwrap_or_default();
+        // Gone, or a zombie waiting for its (also stopped) parent to be reaped.
+        if state.is_empty() || state.contains(") Z ") {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(gone, "the step's sleep {pid} still runs");
 }
