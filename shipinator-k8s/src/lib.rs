@@ -41,9 +41,9 @@ pub use error::Error;
 pub use executor::{K8sExecutor, K8sExecutorBuilder, TokenProvider};
 pub use manifest::{
     ATTEMPT_LABEL, EXECUTION_ANNOTATION, EXECUTION_LABEL, JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
-    MAX_SPEC_BYTES, RUN_LABEL, SERVER_ENV, SPEC_ENV, STEP_CONTAINER, STEP_LABEL, TOKEN_ENV,
-    WORKER_PATH, WORKSPACE_ENV, WORKSPACES_PATH, job_manifest, job_name, job_namespace,
-    workspace_path,
+    MAX_SPEC_BYTES, RESULT_FILE_ENV, RUN_LABEL, SERVER_ENV, SPEC_ENV, STEP_CONTAINER, STEP_LABEL,
+    TERMINATION_LOG, TOKEN_ENV, WORKER_PATH, WORKSPACE_ENV, WORKSPACES_PATH, job_manifest,
+    job_name, job_namespace, workspace_path,
 };
 
 /// Makes rustls's `ring` provider the process default when no provider was chosen yet.

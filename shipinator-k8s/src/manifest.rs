@@ -40,6 +40,10 @@ pub const WORKER_PATH: &str = "/shipinator/bin/shipinator";
 /// ([`workspace_path`]), and the key's parent directory (`<this>/<run-id>`) is what is mounted,
 /// so the workspace's markers and lock beside it are shared by the stage's pods too.
 pub const WORKSPACES_PATH: &str = "/workspaces";
+/// Env var naming the file the worker also writes its terminal report to.
+pub const RESULT_FILE_ENV: &str = "SHIPINATOR_RESULT_FILE";
+/// The step container's termination message file (the Kubernetes default).
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
 /// Env var with the stage's workspace directory ([`workspace_path`]).
 pub const WORKSPACE_ENV: &str = "SHIPINATOR_WORKSPACE";
 /// Env var holding the JSON `ExecutionSpec` for the worker.
@@ -175,6 +179,8 @@ pub fn job_manifest(
         env.push(env_var(TOKEN_ENV, token));
     }
     env.push(env_var(WORKSPACE_ENV, &workspace_path(spec)));
+    // The worker writes its terminal report there too: the status mapping reads it back.
+    env.push(env_var(RESULT_FILE_ENV, TERMINATION_LOG));
     env.push(env_var(SPEC_ENV, &spec_json));
 
     // A deploy runs in its target namespace, where the workspace claim is not: it needs no

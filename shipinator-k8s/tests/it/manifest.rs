@@ -150,6 +150,10 @@ fn build_job_manifest() -> anyhow::Result<()> {
                         "value": "/workspaces/01900000-0000-7000-8000-000000000001/build"
                       },
                       {
+                        "name": "SHIPINATOR_RESULT_FILE",
+                        "value": "/dev/termination-log"
+                      },
+                      {
                         "name": "SHIPINATOR_EXECUTION_SPEC",
                         "value": "<spec json>"
                       }

@@ -289,7 +289,9 @@ impl Executor for WorkerProcessExecutor {
     }
 }
 
-/// Writes `report` to `path` atomically (a temporary file renamed into place).
+/// Writes `report` to `path`: atomically (a temporary file renamed into place) where the
+/// directory allows it, else in place (a pod's `/dev/termination-log` is a mounted file in a
+/// directory the worker cannot write).
 ///
 /// # Errors
 /// The file cannot be written.
@@ -298,7 +300,10 @@ pub(crate) fn write_result(path: &Path, report: &StatusReport) -> anyhow::Result
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".partial");
     let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, path)?;
+    let atomic = std::fs::write(&tmp, &json).and_then(|()| std::fs::rename(&tmp, path));
+    if atomic.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::write(path, &json)?;
+    }
     Ok(())
 }
