@@ -12,14 +12,14 @@ use crate::server::config::{Overrides, ServerConfig};
 #[derive(Debug, Args)]
 pub(crate) struct ServeArgs {
     /// TOML configuration file.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", global = true)]
     pub(crate) config: Option<PathBuf>,
     /// Address to listen on (default 127.0.0.1:8080; port 0 picks a free port, printed on
     /// stdout as `listening on http://ADDR`).
-    #[arg(long, value_name = "ADDR")]
+    #[arg(long, value_name = "ADDR", global = true)]
     pub(crate) listen: Option<SocketAddr>,
     /// Data directory (default ./.shipinator).
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, value_name = "DIR", global = true)]
     pub(crate) data_dir: Option<PathBuf>,
 }
 

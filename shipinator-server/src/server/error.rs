@@ -34,7 +34,7 @@ pub(crate) struct ErrorBody {
 pub(crate) struct ErrorObject {
     /// Stable machine-readable code: `invalid_request`, `invalid_config`, `unauthorized`,
     /// `forbidden`, `not_found`, `conflict`, `payload_too_large`, `range_not_satisfiable`,
-    /// `unsupported_media_type`, `unavailable`, `timeout`, `internal`.
+    /// `unsupported_media_type`, `method_not_allowed`, `timeout`, `unavailable`, `internal`.
     pub(crate) code: String,
     /// For people.
     pub(crate) message: String,

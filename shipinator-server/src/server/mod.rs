@@ -32,6 +32,9 @@ pub(crate) mod dto;
 pub(crate) mod error;
 pub(crate) mod metrics;
 
+#[cfg(test)]
+mod tests;
+
 pub(crate) use config::{Limits, ServerConfig};
 
 use crate::server::metrics::Metrics;
@@ -62,7 +65,8 @@ pub(crate) fn router(state: AppState) -> Router {
         .layer(TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
             Duration::from_secs(limits.request_timeout_secs.max(1)),
-        ));
+        ))
+        .layer(axum::middleware::map_response(timeout_shape));
     let streaming = api::streaming_routes().layer(DefaultBodyLimit::disable());
     let (routes, openapi) = bounded.merge(streaming).split_for_parts();
     let openapi = Arc::new(openapi);
@@ -77,6 +81,13 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(|| async {
             error::ApiError::not_found("no such endpoint; see /v1/openapi.json")
         })
+        .method_not_allowed_fallback(|| async {
+            error::ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method; see /v1/openapi.json",
+            )
+        })
         .with_state(state)
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(
@@ -90,6 +101,24 @@ pub(crate) fn router(state: AppState) -> Router {
             },
         ))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+}
+
+/// The timeout layer answers 408 with an empty body: give it the API's error shape.
+async fn timeout_shape(response: axum::response::Response) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    if response.status() == StatusCode::REQUEST_TIMEOUT
+        && !response
+            .headers()
+            .contains_key(axum::http::header::CONTENT_TYPE)
+    {
+        return error::ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timeout",
+            "the request took longer than the configured limit (limits.request_timeout_secs)",
+        )
+        .into_response();
+    }
+    response
 }
 
 /// The backends `serve` runs on.

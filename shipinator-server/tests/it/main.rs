@@ -4,5 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod run;
+mod server;
 mod validate;
 mod worker;
