@@ -51,8 +51,9 @@ pub struct Toleration {
 }
 
 /// The shared volume holding stage workspaces: a `PersistentVolumeClaim` (NFS-backed, access
-/// mode `ReadWriteMany`) mounted with the workspace key as `subPath`, so the steps of a stage,
-/// each in its own pod, see each other's files.
+/// mode `ReadWriteMany`) whose `<sub_path_prefix>/<run-id>` directory is mounted as `subPath`
+/// at `/workspaces/<run-id>`, so the steps of a stage, each in its own pod, see each other's
+/// files in `/workspaces/<run-id>/<stage>`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct WorkspaceVolume {
     /// The claim's name, in the executions namespace.

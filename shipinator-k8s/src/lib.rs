@@ -6,12 +6,15 @@
 //! - **The work** runs in the step's own image: an init container copies the `shipinator`
 //!   binary from the worker image into an `emptyDir`, and the step container runs
 //!   `/shipinator/bin/shipinator worker --execution <id>`, which reads the spec from
-//!   `SHIPINATOR_EXECUTION_SPEC` (JSON), works in `/workspace` (the stage's directory on the
-//!   shared workspace claim) and calls `SHIPINATOR_SERVER` back with
+//!   `SHIPINATOR_EXECUTION_SPEC` (JSON), works in `SHIPINATOR_WORKSPACE` =
+//!   `/workspaces/<run-id>/<stage>` (the run's directory of the shared workspace claim is
+//!   mounted at `/workspaces/<run-id>`) and calls `SHIPINATOR_SERVER` back with
 //!   `SHIPINATOR_EXECUTION_TOKEN`.
 //! - **Status** comes from watches of the executor's Jobs and pods (label
 //!   `app.kubernetes.io/managed-by=shipinator`), so steady-state polling costs no requests:
-//!   Complete → finished with exit 0; Failed → finished with the step container's exit code;
+//!   Complete → finished with exit 0 (the worker delivered the step's real result to the
+//!   status callback before it exited); Failed with a non-zero exit of the worker (it could not
+//!   report) → `Lost`;
 //!   DeadlineExceeded → finished with failure "timed out" (exit code of the container if it
 //!   terminated, else -1); an evicted, preempted or deleted pod, a lost node, a deleted Job,
 //!   a malformed Job object or an image that cannot be pulled within a bound → `Lost`, which
@@ -38,8 +41,9 @@ pub use error::Error;
 pub use executor::{K8sExecutor, K8sExecutorBuilder, TokenProvider};
 pub use manifest::{
     ATTEMPT_LABEL, EXECUTION_ANNOTATION, EXECUTION_LABEL, JOB_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
-    MAX_SPEC_BYTES, RUN_LABEL, SERVER_ENV, SPEC_ENV, STEP_CONTAINER, STEP_LABEL, TOKEN_ENV,
-    WORKER_PATH, WORKSPACE_PATH, job_manifest, job_name, job_namespace,
+    MAX_SPEC_BYTES, RESULT_FILE_ENV, RUN_LABEL, SERVER_ENV, SPEC_ENV, STEP_CONTAINER, STEP_LABEL,
+    TERMINATION_LOG, TOKEN_ENV, WORKER_PATH, WORKSPACE_ENV, WORKSPACES_PATH, job_manifest,
+    job_name, job_namespace, workspace_path,
 };
 
 /// Makes rustls's `ring` provider the process default when no provider was chosen yet.

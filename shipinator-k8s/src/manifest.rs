@@ -36,8 +36,16 @@ pub const EXECUTION_ANNOTATION: &str = "shipinator.dev/execution-id";
 pub const STEP_CONTAINER: &str = "step";
 /// Where the worker binary is installed in every pod.
 pub const WORKER_PATH: &str = "/shipinator/bin/shipinator";
-/// Where the workspace is mounted.
-pub const WORKSPACE_PATH: &str = "/workspace";
+/// Where workspaces live in every pod: the stage's workspace is `<this>/<workspace key>`
+/// ([`workspace_path`]), and the key's parent directory (`<this>/<run-id>`) is what is mounted,
+/// so the workspace's markers and lock beside it are shared by the stage's pods too.
+pub const WORKSPACES_PATH: &str = "/workspaces";
+/// Env var naming the file the worker also writes its terminal report to.
+pub const RESULT_FILE_ENV: &str = "SHIPINATOR_RESULT_FILE";
+/// The step container's termination message file (the Kubernetes default).
+pub const TERMINATION_LOG: &str = "/dev/termination-log";
+/// Env var with the stage's workspace directory ([`workspace_path`]).
+pub const WORKSPACE_ENV: &str = "SHIPINATOR_WORKSPACE";
 /// Env var holding the JSON `ExecutionSpec` for the worker.
 pub const SPEC_ENV: &str = "SHIPINATOR_EXECUTION_SPEC";
 /// Env var with the server URL.
@@ -51,6 +59,18 @@ pub const MAX_SPEC_BYTES: usize = 256 * 1024;
 /// a valid DNS label and label value).
 pub fn job_name(id: ExecutionId) -> String {
     format!("shipinator-{id}")
+}
+
+/// The stage's workspace directory in the pod: `/workspaces/<workspace key>`.
+pub fn workspace_path(spec: &ExecutionSpec) -> String {
+    format!("{WORKSPACES_PATH}/{}", spec.workspace.key.trim_matches('/'))
+}
+
+/// The workspace key's parent (`<run-id>` for `<run-id>/<stage>`): the directory mounted at
+/// `/workspaces/<parent>`. Empty for a one-part key.
+fn workspace_parent(spec: &ExecutionSpec) -> &str {
+    let key = spec.workspace.key.trim_matches('/');
+    key.rsplit_once('/').map_or("", |(parent, _)| parent)
 }
 
 /// The namespace of an execution's Job: the executions namespace, or for a deploy the deploy
@@ -158,7 +178,9 @@ pub fn job_manifest(
     if let Some(token) = token.or_else(|| spec.env.get(TOKEN_ENV).map(String::as_str)) {
         env.push(env_var(TOKEN_ENV, token));
     }
-    env.push(env_var("SHIPINATOR_WORKSPACE", WORKSPACE_PATH));
+    env.push(env_var(WORKSPACE_ENV, &workspace_path(spec)));
+    // The worker writes its terminal report there too: the status mapping reads it back.
+    env.push(env_var(RESULT_FILE_ENV, TERMINATION_LOG));
     env.push(env_var(SPEC_ENV, &spec_json));
 
     // A deploy runs in its target namespace, where the workspace claim is not: it needs no
@@ -179,16 +201,21 @@ pub fn job_manifest(
             ..Volume::default()
         },
     };
-    let sub_path = workspace.map(|w| {
-        if w.sub_path_prefix.is_empty() {
-            spec.workspace.key.clone()
-        } else {
-            format!(
-                "{}/{}",
-                w.sub_path_prefix.trim_end_matches('/'),
-                spec.workspace.key
-            )
-        }
+    // The run's directory of the claim, at the same place in the pod: the worker creates the
+    // stage's workspace in it, with its `.ready` marker and `.lock` beside it.
+    let parent = workspace_parent(spec);
+    let mount_path = if parent.is_empty() {
+        WORKSPACES_PATH.to_owned()
+    } else {
+        format!("{WORKSPACES_PATH}/{parent}")
+    };
+    let sub_path = workspace.and_then(|w| {
+        let sub = [w.sub_path_prefix.trim_matches('/'), parent]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join("/");
+        (!sub.is_empty()).then_some(sub)
     });
     let bin_mount = VolumeMount {
         name: "shipinator-bin".to_owned(),
@@ -230,14 +257,14 @@ pub fn job_manifest(
             "--execution".to_owned(),
             spec.execution_id.to_string(),
         ]),
-        working_dir: Some(WORKSPACE_PATH.to_owned()),
+        working_dir: Some(mount_path.clone()),
         env: Some(env),
         resources,
         volume_mounts: Some(vec![
             bin_mount,
             VolumeMount {
                 name: "workspace".to_owned(),
-                mount_path: WORKSPACE_PATH.to_owned(),
+                mount_path,
                 sub_path,
                 ..VolumeMount::default()
             },

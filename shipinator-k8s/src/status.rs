@@ -2,8 +2,9 @@
 
 use k8s_openapi::api::batch::v1::Job;
 use k8s_openapi::api::core::v1::{ContainerStateTerminated, Pod};
+use serde::Deserialize;
 use shipinator_core::domain::ExecutionId;
-use shipinator_core::executor::{ExecutionResult, ExecutionState};
+use shipinator_core::executor::{ExecutionResult, ExecutionState, ProducedArtifact};
 use shipinator_core::logs::logs_uri;
 
 use crate::manifest::STEP_CONTAINER;
@@ -11,7 +12,10 @@ use crate::manifest::STEP_CONTAINER;
 /// Waiting reasons of a container whose image cannot be pulled.
 const PULL_ERRORS: &[&str] = &["ErrImagePull", "ImagePullBackOff", "InvalidImageName"];
 
-/// What a Job and its pods say.
+/// What a Job and its pods say. The step container runs `shipinator worker`, which reports the
+/// step's result (exit code, artifacts) to the server's status callback and exits 0 once that
+/// report was delivered: a Job that completes says "reported", and the result the engine
+/// records is the callback's (which reaches the server before the pod ends).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Observed {
     /// A state the executor can report as is.
@@ -29,6 +33,51 @@ fn finished(id: ExecutionId, exit_code: i32, failure: Option<String>) -> Executi
         artifacts: Vec::new(),
         failure,
     })
+}
+
+/// The `status` of the worker's report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ReportedStatus {
+    Running,
+    Success,
+    Failed,
+    Lost,
+}
+
+/// The terminal report the worker sent to the status callback, which it also writes to the
+/// step container's termination message (`SHIPINATOR_RESULT_FILE`).
+#[derive(Debug, Deserialize)]
+struct WorkerReport {
+    status: ReportedStatus,
+    exit_code: Option<i32>,
+    logs_uri: Option<String>,
+    #[serde(default)]
+    artifacts: Vec<ProducedArtifact>,
+    failure: Option<String>,
+}
+
+/// The result the worker reported, read from the step container's termination message: the
+/// same the callback delivered. `None` when there is none or it does not parse (the kubelet
+/// keeps at most 4096 bytes of it).
+fn reported(pods: &[Pod]) -> Option<ExecutionState> {
+    let message = pods.iter().find_map(step_terminated)?.message.as_deref()?;
+    let report: WorkerReport = serde_json::from_str(message).ok()?;
+    match report.status {
+        ReportedStatus::Running => None,
+        ReportedStatus::Success | ReportedStatus::Failed => {
+            let success = report.status == ReportedStatus::Success;
+            Some(ExecutionState::Finished(ExecutionResult {
+                exit_code: report.exit_code.unwrap_or(if success { 0 } else { -1 }),
+                logs_uri: report.logs_uri,
+                artifacts: report.artifacts,
+                failure: report.failure,
+            }))
+        }
+        ReportedStatus::Lost => Some(ExecutionState::Lost {
+            reason: report.failure.unwrap_or_else(|| "lost".to_owned()),
+        }),
+    }
 }
 
 fn condition<'a>(
@@ -99,6 +148,11 @@ pub(crate) fn observe(id: ExecutionId, job: &Job, pods: Option<&[Pod]>) -> Obser
     if condition(job, "Complete").is_some()
         || job.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0
     {
+        // The worker reported; its termination message says what, so this report and the
+        // callback agree whichever reaches the engine first.
+        if let Some(state) = pods.and_then(reported) {
+            return Observed::State(state);
+        }
         return Observed::State(finished(id, 0, None));
     }
     if let Some(failed) = condition(job, "Failed") {
@@ -128,7 +182,14 @@ pub(crate) fn observe(id: ExecutionId, job: &Job, pods: Option<&[Pod]>) -> Obser
                     reason: "the pod was deleted".to_owned(),
                 })
             }
-            Some(code) if code != 0 => Observed::State(finished(id, code, None)),
+            // The worker exits 0 once it reported the step's result (whatever it was) to the
+            // server's status callback; anything else means the result never arrived, an
+            // infrastructure failure.
+            Some(code) if code != 0 => Observed::State(ExecutionState::Lost {
+                reason: format!(
+                    "the worker exited with code {code} without reporting the step's result"
+                ),
+            }),
             Some(_) | None => Observed::State(ExecutionState::Lost {
                 reason: format!(
                     "job failed ({reason}) without a terminated step container: the pod was deleted or lost"
@@ -211,6 +272,44 @@ mod tests {
     }
 
     #[test]
+    fn a_complete_job_carries_the_workers_report_from_its_termination_message() {
+        let complete = job(json!({"conditions": [{"type": "Complete", "status": "True"}]}));
+        let with_message = |message: &str| {
+            pod(
+                json!({"phase": "Succeeded", "containerStatuses": [{"name": "step", "image": "", "imageID": "",
+                "ready": false, "restartCount": 0, "state": {"terminated": {"exitCode": 0, "message": message}}}]}),
+            )
+        };
+        let report = json!({"status": "failed", "exit_code": 3, "logs_uri": "logs://x",
+            "artifacts": [], "failure": null})
+        .to_string();
+        let Observed::State(ExecutionState::Finished(r)) =
+            observe(id(), &complete, Some(&[with_message(&report)]))
+        else {
+            panic!("not finished");
+        };
+        assert_eq!((r.exit_code, r.logs_uri.as_deref()), (3, Some("logs://x")));
+        // Truncated or foreign: exit 0 as before.
+        for message in [&report[..report.len() / 2], "", "done"] {
+            let Observed::State(ExecutionState::Finished(r)) =
+                observe(id(), &complete, Some(&[with_message(message)]))
+            else {
+                panic!("not finished");
+            };
+            assert_eq!(r.exit_code, 0);
+        }
+        let lost = json!({"status": "lost", "exit_code": null, "logs_uri": null, "artifacts": [],
+            "failure": "stopped"})
+        .to_string();
+        assert_eq!(
+            observe(id(), &complete, Some(&[with_message(&lost)])),
+            Observed::State(ExecutionState::Lost {
+                reason: "stopped".to_owned()
+            })
+        );
+    }
+
+    #[test]
     fn mapping_table() {
         let cases: Vec<(&str, Job, Option<Vec<Pod>>)> = vec![
             ("no status, no pods", job(json!({})), None),
@@ -281,7 +380,7 @@ mod tests {
             complete: Finished(exit 0, failure None)
             complete condition false: State(Pending)
             failed, pods unknown: NeedPods
-            failed, exit 3: Finished(exit 3, failure None)
+            failed, exit 3: State(Lost { reason: "the worker exited with code 3 without reporting the step's result" })
             failed, no pod: State(Lost { reason: "job failed (BackoffLimitExceeded) without a terminated step container: the pod was deleted or lost" })
             deadline, killed: Finished(exit 137, failure Some("timed out: the job exceeded its active deadline"))
             deadline, pods unknown: NeedPods

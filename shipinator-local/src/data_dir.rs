@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DataDir {
     root: PathBuf,
+    workspaces: Option<PathBuf>,
 }
 
 impl DataDir {
@@ -25,7 +26,25 @@ impl DataDir {
 
     /// A data directory at `root` (nothing is created until [`create_all`](Self::create_all)).
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            workspaces: None,
+        }
+    }
+
+    /// Keeps workspaces under `dir` instead of `<root>/workspaces`: a volume that the
+    /// processes of a stage share while the rest of the data directory is their own (the pods
+    /// of a stage on Kubernetes). A checkout there is self-contained, since the mirror it
+    /// comes from is not shared.
+    #[must_use]
+    pub fn with_workspaces(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.workspaces = Some(dir.into());
+        self
+    }
+
+    /// Whether workspaces live outside the data directory ([`with_workspaces`](Self::with_workspaces)).
+    pub fn has_separate_workspaces(&self) -> bool {
+        self.workspaces.is_some()
     }
 
     /// The root.
@@ -53,9 +72,11 @@ impl DataDir {
         self.root.join("mirrors")
     }
 
-    /// `workspaces/`.
+    /// `workspaces/`, or the directory given to [`with_workspaces`](Self::with_workspaces).
     pub fn workspaces(&self) -> PathBuf {
-        self.root.join("workspaces")
+        self.workspaces
+            .clone()
+            .unwrap_or_else(|| self.root.join("workspaces"))
     }
 
     /// `executions/`.

@@ -9,6 +9,7 @@ mod cli;
 mod gitinfo;
 mod local;
 mod server;
+mod worker;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

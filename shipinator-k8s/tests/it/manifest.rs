@@ -147,7 +147,11 @@ fn build_job_manifest() -> anyhow::Result<()> {
                       },
                       {
                         "name": "SHIPINATOR_WORKSPACE",
-                        "value": "/workspace"
+                        "value": "/workspaces/01900000-0000-7000-8000-000000000001/build"
+                      },
+                      {
+                        "name": "SHIPINATOR_RESULT_FILE",
+                        "value": "/dev/termination-log"
                       },
                       {
                         "name": "SHIPINATOR_EXECUTION_SPEC",
@@ -170,12 +174,12 @@ fn build_job_manifest() -> anyhow::Result<()> {
                         "name": "shipinator-bin"
                       },
                       {
-                        "mountPath": "/workspace",
+                        "mountPath": "/workspaces/01900000-0000-7000-8000-000000000001",
                         "name": "workspace",
-                        "subPath": "workspaces/01900000-0000-7000-8000-000000000001/build"
+                        "subPath": "workspaces/01900000-0000-7000-8000-000000000001"
                       }
                     ],
-                    "workingDir": "/workspace"
+                    "workingDir": "/workspaces/01900000-0000-7000-8000-000000000001"
                   }
                 ],
                 "initContainers": [

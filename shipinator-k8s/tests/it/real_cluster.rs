@@ -75,7 +75,7 @@ async fn real_cluster() -> anyhow::Result<()> {
     };
     let mut runs = Vec::new();
 
-    // Exit codes of the step container.
+    // Exit codes of the step container (the worker binary replaced by true or false).
     for (binary, code) in [("/bin/true", 0), ("/bin/false", 1)] {
         let ex = executor(&path, binary, Duration::from_secs(600)).await?;
         let s = base();
@@ -83,10 +83,13 @@ async fn real_cluster() -> anyhow::Result<()> {
         let h = ex.submit(&s).await?;
         assert_eq!(ex.submit(&s).await?, h, "a repeated submit adopts");
         let state = wait_terminal(&ex, &h).await?;
-        assert!(
-            matches!(state, ExecutionState::Finished(ref r) if r.exit_code == code),
-            "{binary}: {state:?}"
-        );
+        // A worker that exits non-zero did not report: lost.
+        let expected = if code == 0 {
+            matches!(state, ExecutionState::Finished(ref r) if r.exit_code == 0)
+        } else {
+            matches!(state, ExecutionState::Lost { ref reason } if reason.contains(&format!("code {code}")))
+        };
+        assert!(expected, "{binary}: {state:?}");
     }
 
     // An image that cannot be pulled: pending, adopted after a restart, then cancelled.

@@ -198,17 +198,20 @@ pub(crate) async fn ensure_mirror(
 }
 
 /// Checks `commit` (or the mirror's HEAD) out of `mirror` into the new directory `dest`.
+/// `shared` borrows the mirror's objects (cheap, but `dest` then needs the mirror); otherwise
+/// the clone has its own.
 pub(crate) async fn checkout(
     git: &Git,
     mirror: &Path,
     dest: &Path,
     commit: Option<&str>,
+    shared: bool,
 ) -> Result<(), Error> {
     git.run(
         None,
         &[
             OsStr::new("clone"),
-            OsStr::new("--shared"),
+            OsStr::new(if shared { "--shared" } else { "--local" }),
             OsStr::new("--no-checkout"),
             OsStr::new("--quiet"),
             OsStr::new("--"),

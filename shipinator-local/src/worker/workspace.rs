@@ -161,7 +161,14 @@ async fn clone_source(
     if let Some(parent) = ws.parent() {
         std::fs::create_dir_all(parent).map_err(|e| Error::io_at("creating", parent, e))?;
     }
-    git::checkout(&git, &mirror, ws, commit).await
+    git::checkout(
+        &git,
+        &mirror,
+        ws,
+        commit,
+        !data_dir.has_separate_workspaces(),
+    )
+    .await
 }
 
 /// Exports the directory `subdir` of `commit` in the repository at `clone_url` (through its

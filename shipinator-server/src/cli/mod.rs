@@ -83,6 +83,9 @@ pub(crate) enum Command {
     /// Measure the engine and its backends; each subcommand prints one JSON line.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Run one execution for a server, as a Kubernetes pod does (spec, server and token from
+    /// the environment); exits 0 once its status was reported.
+    Worker(crate::worker::WorkerArgs),
 }
 
 impl Cli {
@@ -97,6 +100,7 @@ impl Cli {
             Command::Serve(args) => serve::run(&args),
             Command::Tokens { server, command } => tokens::run(&server, command),
             Command::Bench(cmd) => bench::run(cmd),
+            Command::Worker(args) => crate::worker::run(args),
         };
         ExitCode::from(code)
     }

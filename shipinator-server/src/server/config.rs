@@ -126,6 +126,10 @@ pub(crate) enum ExecutorConfig {
     /// Local processes on this machine, under the data directory.
     #[default]
     Local,
+    /// Each execution a `shipinator worker` subprocess with a Kubernetes pod's environment,
+    /// reporting over HTTP to `public_url` (a poor man's remote executor, and the end-to-end
+    /// test of the worker endpoints).
+    WorkerProcess,
 }
 
 /// Token secrets.

@@ -203,6 +203,19 @@ pub(crate) async fn open_backends(config: &ServerConfig) -> anyhow::Result<Backe
                 .build()
                 .context("starting the local executor")?,
         ),
+        config::ExecutorConfig::WorkerProcess => {
+            let secret: Arc<[u8]> = Arc::from(load_or_create_secret(&config.secret_file())?);
+            let url = config
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", config.listen));
+            Arc::new(crate::worker::process::WorkerProcessExecutor::new(
+                data.clone(),
+                url,
+                Arc::new(move |id| auth::execution_token(&secret, id)),
+                Arc::clone(&logs),
+            )?)
+        }
     };
     Ok(Backends {
         store,
@@ -302,17 +315,18 @@ async fn signal() {
 }
 
 /// Runs the server until a signal, then shuts down within `shutdown_timeout_secs`.
-pub(crate) async fn run(config: ServerConfig) -> anyhow::Result<()> {
-    let backends = open_backends(&config).await?;
-    let secret = load_or_create_secret(&config.secret_file())?;
+pub(crate) async fn run(mut config: ServerConfig) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
     let addr = listener.local_addr()?;
+    // Known before the backends open: an executor whose workers call back needs it.
     let public_url = config
         .public_url
-        .clone()
-        .unwrap_or_else(|| format!("http://{addr}"));
+        .get_or_insert_with(|| format!("http://{addr}"))
+        .clone();
+    let backends = open_backends(&config).await?;
+    let secret = load_or_create_secret(&config.secret_file())?;
 
     let driver = Driver::new(
         Arc::clone(&backends.store),

@@ -8,3 +8,4 @@ mod run_dogfood;
 mod run_signals;
 mod server;
 mod validate;
+mod worker;
