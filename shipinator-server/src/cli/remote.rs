@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 use comfy_table::{Cell, CellAlignment, ContentArrangement, Table};
-use shipinator_core::domain::{ArtifactId, JobId, JobType, RunId, RunStatus};
+use shipinator_core::domain::{ArtifactId, JobId, JobType, RunId, RunStatus, StepId};
 use shipinator_core::time::Timestamp;
 
 use super::inspect::{ArtifactsCommand, LogsArgs, RunsCommand};
@@ -350,11 +350,7 @@ pub(crate) fn logs(client: Client, args: LogsArgs) -> u8 {
         }
         for (label, step) in chosen {
             if args.follow {
-                client
-                    .follow_step_log(args.run, step.id, |line| {
-                        println!("[{label}] {}", line.text)
-                    })
-                    .await?;
+                follow_step(&client, args.run, step.id, label).await?;
                 continue;
             }
             if step.executions.is_empty() {
@@ -374,6 +370,67 @@ pub(crate) fn logs(client: Client, args: LogsArgs) -> u8 {
         }
         Ok(EXIT_OK)
     })
+}
+
+/// Prints a step's log as it grows until the step ends: waits for it to start, follows each
+/// attempt's log in turn (a lost execution is retried as a new attempt, whose log starts
+/// afresh), and rides out a server restart.
+async fn follow_step(
+    client: &Client,
+    run: RunId,
+    step: StepId,
+    label: &str,
+) -> Result<(), ClientError> {
+    let mut followed = 0u32;
+    let mut failures = 0u32;
+    loop {
+        let current = match client.run_steps(run).await {
+            Ok(steps) => {
+                failures = 0;
+                steps.into_iter().find(|s| s.id == step).ok_or_else(|| {
+                    ClientError::Lookup(format!("run {run} no longer has step {step}"))
+                })?
+            }
+            Err(e) if retryable(&e) && failures < MAX_POLL_FAILURES => {
+                failures += 1;
+                tokio::time::sleep(POLL * 3).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        if current.attempt > followed {
+            if followed > 0 {
+                eprintln!(
+                    "{label}: attempt {} (attempt {followed} was lost)",
+                    current.attempt
+                );
+            }
+            followed = current.attempt;
+            client
+                .follow_step_log(run, step, Some(followed), |line| {
+                    println!("[{label}] {}", line.text);
+                })
+                .await?;
+            continue;
+        }
+        if current.status.is_terminal() {
+            return Ok(());
+        }
+        // Not started yet, or its log ended just before the step was recorded ended.
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Consecutive failed polls (about a second apart) after which waiting gives up.
+pub(crate) const MAX_POLL_FAILURES: u32 = 60;
+
+/// Errors worth another try while waiting: the server is restarting or briefly overloaded.
+pub(crate) fn retryable(e: &ClientError) -> bool {
+    match e {
+        ClientError::Unreachable { .. } | ClientError::Timeout { .. } => true,
+        ClientError::Api { status, .. } => status.is_server_error(),
+        _ => false,
+    }
 }
 
 pub(crate) fn artifacts(client: Client, cmd: ArtifactsCommand) -> u8 {

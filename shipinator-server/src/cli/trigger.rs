@@ -7,14 +7,13 @@ use std::path::Path;
 use clap::Args;
 use shipinator_core::domain::{RunId, RunStatus, Status, StepId};
 
-use super::remote::{POLL, RemoteArgs, block_on, ordered_steps, print_json, took};
+use super::remote::{
+    MAX_POLL_FAILURES, POLL, RemoteArgs, block_on, ordered_steps, print_json, retryable, took,
+};
 use super::run::{StageArg, TriggerArg};
 use super::{EXIT_FAILED, EXIT_OK, OutputFormat};
 use crate::client::{Client, ClientError};
 use crate::server::dto::{RunDto, RunRequestBody};
-
-/// Consecutive failed polls (about a second apart) after which `--wait` gives up.
-const MAX_POLL_FAILURES: u32 = 60;
 
 /// Arguments of `shipinator trigger`.
 #[derive(Debug, Args)]
@@ -145,11 +144,8 @@ pub(crate) async fn follow_run(
                 failures = 0;
                 p
             }
-            Err(e @ (ClientError::Unreachable { .. } | ClientError::Timeout { .. })) => {
+            Err(e) if retryable(&e) && failures < MAX_POLL_FAILURES => {
                 failures += 1;
-                if failures > MAX_POLL_FAILURES {
-                    return Err(e);
-                }
                 tracing::debug!(error = %e, "polling run {run} failed; trying again");
                 tokio::time::sleep(POLL * 3).await;
                 continue;

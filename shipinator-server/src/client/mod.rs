@@ -691,15 +691,21 @@ impl Client {
         .await
     }
 
-    /// Follows a step's log until it ends, calling `on_line` once per line in order. A dropped
-    /// connection is resumed with `Last-Event-ID` (the last line's sequence number), so no
-    /// line is lost or repeated; it gives up after [`MAX_RECONNECTS`] failed attempts in a row.
+    /// Follows the log of one attempt of a step (`None`: whichever is current when the server
+    /// looks) until it ends, calling `on_line` once per line in order. A dropped connection is
+    /// resumed with `Last-Event-ID` (the last line's sequence number), so no line is lost or
+    /// repeated; it gives up after [`MAX_RECONNECTS`] failed reconnections in a row.
     pub(crate) async fn follow_step_log(
         &self,
         run: RunId,
         step: StepId,
+        attempt: Option<u32>,
         mut on_line: impl FnMut(LogLineDto),
     ) -> Result<(), ClientError> {
+        let mut query = vec![("follow", "true".to_owned())];
+        if let Some(a) = attempt {
+            query.push(("attempt", a.to_string()));
+        }
         let path = format!("/v1/pipeline-runs/{run}/steps/{step}/logs");
         let mut last_seq: Option<u64> = None;
         let mut failures = 0u32;
@@ -707,7 +713,7 @@ impl Client {
         loop {
             let mut req = self
                 .request(&self.streaming, Method::GET, &path)
-                .query(&[("follow", "true")])
+                .query(&query)
                 .header(reqwest::header::ACCEPT, "text/event-stream");
             if let Some(seq) = last_seq {
                 req = req.header("last-event-id", seq.to_string());
@@ -716,16 +722,16 @@ impl Client {
                 Ok(response) => {
                     connected_once = true;
                     let before = last_seq;
-                    match Self::read_events(response, step, &mut last_seq, &mut on_line).await {
+                    let stopped =
+                        Self::read_events(response, step, &mut last_seq, &mut on_line).await;
+                    if last_seq != before {
+                        failures = 0;
+                    }
+                    match stopped {
                         Ok(true) => return Ok(()),
                         Ok(false) => "the server closed the stream before the log ended".to_owned(),
                         Err(StreamStop::Fatal(e)) => return Err(e),
-                        Err(StreamStop::Broken(why)) => {
-                            if last_seq != before {
-                                failures = 0;
-                            }
-                            why
-                        }
+                        Err(StreamStop::Broken(why)) => why,
                     }
                 }
                 // Before the first connection, an error is the answer; later (a server
@@ -893,4 +899,135 @@ enum StreamStop {
     Broken(String),
     /// Give up.
     Fatal(ClientError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use axum::Router;
+    use axum::body::Body;
+    use axum::http::{HeaderMap, StatusCode as AxumStatus, header};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::get;
+
+    use super::*;
+
+    fn line_event(seq: u64) -> String {
+        format!(
+            "id: {seq}\nevent: line\ndata: {{\"seq\":{seq},\"at\":\"2026-01-01T00:00:00Z\",\
+             \"stream\":\"stdout\",\"text\":\"line {seq}\"}}\n\n"
+        )
+    }
+
+    fn event_stream(chunks: Vec<Result<String, std::io::Error>>) -> Response {
+        (
+            [(header::CONTENT_TYPE, "text/event-stream")],
+            // Paced, so what precedes an error reaches the client before the connection breaks.
+            Body::from_stream(futures_util::stream::iter(chunks).then(|c| async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                c
+            })),
+        )
+            .into_response()
+    }
+
+    /// A log stream that breaks off mid-way, then meets a server error on the first
+    /// reconnection, resumes after the last line it delivered: every line once, in order.
+    /// (The real server cannot be made to drop a connection at a chosen line; this one speaks
+    /// the same protocol over real HTTP.)
+    #[tokio::test]
+    async fn a_dropped_log_stream_resumes_after_the_last_line() {
+        let resumed_from: Arc<Mutex<Vec<Option<String>>>> = Arc::default();
+        let seen = Arc::clone(&resumed_from);
+        let app = Router::new().route(
+            "/v1/pipeline-runs/{run}/steps/{step}/logs",
+            get(move |headers: HeaderMap| {
+                let seen = Arc::clone(&seen);
+                async move {
+                    let last = headers
+                        .get("last-event-id")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned);
+                    let attempt = {
+                        let mut seen = seen.lock().unwrap();
+                        seen.push(last);
+                        seen.len()
+                    };
+                    match attempt {
+                        1 => event_stream(vec![
+                            Ok(line_event(0)),
+                            Ok(line_event(1) + &line_event(2)),
+                            Err(std::io::Error::other("connection reset")),
+                        ]),
+                        2 => (
+                            AxumStatus::SERVICE_UNAVAILABLE,
+                            [(header::CONTENT_TYPE, "application/json")],
+                            r#"{"error":{"code":"unavailable","message":"restarting"}}"#,
+                        )
+                            .into_response(),
+                        _ => event_stream(vec![
+                            // A server may repeat the last line; the client skips it.
+                            Ok(line_event(2)),
+                            Ok(line_event(3)),
+                            Ok(line_event(4) + "event: end\ndata: {}\n\n"),
+                        ]),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+
+        let client = Client::new(&format!("http://{addr}"), Some("shp_test")).unwrap();
+        let mut lines = Vec::new();
+        client
+            .follow_step_log(RunId::new_v7(), StepId::new_v7(), Some(1), |l| {
+                lines.push(l.text);
+            })
+            .await
+            .unwrap();
+        server.abort();
+        assert_eq!(lines, ["line 0", "line 1", "line 2", "line 3", "line 4"]);
+        assert_eq!(
+            *resumed_from.lock().unwrap(),
+            [None, Some("2".to_owned()), Some("2".to_owned())]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_error_body_becomes_a_typed_error_with_the_servers_code() {
+        let app = Router::new().route(
+            "/v1/pipeline-runs/{id}",
+            get(|| async {
+                (
+                    AxumStatus::FORBIDDEN,
+                    [(header::CONTENT_TYPE, "application/json")],
+                    r#"{"error":{"code":"forbidden","message":"token 'v' has role viewer; this needs developer"}}"#,
+                )
+            }),
+        )
+        .route("/v1/pipeline-runs/{id}/jobs", get(|| async { "<html>proxy</html>" }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = Client::new(&format!("http://{addr}/"), None).unwrap();
+        let e = client.get_run(RunId::new_v7()).await.unwrap_err();
+        assert_eq!(e.exit_code(), EXIT_USAGE);
+        assert_eq!(
+            e.to_string(),
+            "the server refused: token 'v' has role viewer; this needs developer (forbidden, HTTP 403)"
+        );
+        let e = client.run_jobs(RunId::new_v7()).await.unwrap_err();
+        assert!(
+            matches!(&e, ClientError::BadResponse { detail, .. } if detail.contains("expected shape")),
+            "{e}"
+        );
+        server.abort();
+        assert!(matches!(
+            Client::new("127.0.0.1:8080", None),
+            Err(ClientError::BadServerUrl { .. })
+        ));
+    }
 }

@@ -2,9 +2,12 @@
 //! real git repository (file://), and every CLI call a real `shipinator` process. Servers and
 //! CLI processes are killed by their guards, also when a test fails; every wait is bounded.
 
-use std::io::Read as _;
+use std::io::{Read as _, Write as _};
+use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -340,7 +343,11 @@ fn the_cli_creates_triggers_inspects_and_downloads_through_a_server() {
     let read = cli.run(&["logs", &run_id, "--step", "build/make"]);
     let followed = cli.run(&["logs", &run_id, "--step", "build/make", "-f"]);
     assert_eq!(followed.ok().stdout, read.ok().stdout);
-    assert!(followed.stdout.lines().any(|l| l == "[build/make] built"), "{}", followed.stdout);
+    assert!(
+        followed.stdout.lines().any(|l| l == "[build/make] built"),
+        "{}",
+        followed.stdout
+    );
 
     let artifacts = cli
         .run(&["artifacts", "list", &run_id, "--output", "json"])
@@ -590,4 +597,204 @@ fn the_cli_explains_an_unreachable_or_missing_server() {
         "{}",
         out.stderr
     );
+}
+
+/// A TCP proxy in front of the server that breaks the first connection carrying a log line
+/// event right after forwarding it (what a load balancer or a flaky network does), and passes
+/// everything else through. It records the request heads of log-follow requests.
+struct CuttingProxy {
+    addr: String,
+    follows: Arc<Mutex<Vec<String>>>,
+    cut: Arc<AtomicBool>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for CuttingProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+impl CuttingProxy {
+    fn start(upstream: &str) -> CuttingProxy {
+        let upstream = upstream.trim_start_matches("http://").to_owned();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let proxy = CuttingProxy {
+            addr: format!("http://{}", listener.local_addr().unwrap()),
+            follows: Arc::default(),
+            cut: Arc::default(),
+            stop: Arc::default(),
+        };
+        let (follows, cut, stop) = (
+            Arc::clone(&proxy.follows),
+            Arc::clone(&proxy.cut),
+            Arc::clone(&proxy.stop),
+        );
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let client = match listener.accept() {
+                    Ok((c, _)) => c,
+                    Err(_) => {
+                        std::thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                client.set_nonblocking(false).unwrap();
+                let server = TcpStream::connect(&upstream).unwrap();
+                let (follows, cut) = (Arc::clone(&follows), Arc::clone(&cut));
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = c_read.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+                        if head.contains("follow=true") {
+                            follows.lock().unwrap().push(head);
+                        }
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_write.shutdown(Shutdown::Write);
+                });
+                std::thread::spawn(move || {
+                    let (mut s_read, mut c_write) = (server, client);
+                    let mut buf = [0u8; 16 * 1024];
+                    while let Ok(n) = s_read.read(&mut buf) {
+                        if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        let has_line = buf[..n].windows(11).any(|w| w == b"event: line");
+                        if has_line && !cut.swap(true, Ordering::SeqCst) {
+                            let _ = c_write.shutdown(Shutdown::Both);
+                            let _ = s_read.shutdown(Shutdown::Both);
+                            break;
+                        }
+                    }
+                    let _ = c_write.shutdown(Shutdown::Write);
+                });
+            }
+        });
+        proxy
+    }
+}
+
+#[test]
+fn logs_follow_resumes_with_last_event_id_after_a_dropped_connection() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let gate = work.path().join("gate");
+    let slow = format!(
+        "build:\n  steps:\n    - name: talk\n      run: echo first; while [ ! -e {} ]; do sleep 0.1; done; echo second; echo third\n",
+        gate.display()
+    );
+    let (repo, commit) = repository(&[("slow.yaml", &slow)]);
+    let server = Server::start(data.path(), &[]);
+    let cli = Remote {
+        server: &server,
+        token: server.admin.clone(),
+        cwd: work.path(),
+    };
+    let repo_id = register(&cli, "chatty", repo.path());
+    let path = repo.path().join("slow.yaml");
+    cli.run(&[
+        "pipelines",
+        "create",
+        "--repo",
+        &repo_id,
+        "--name",
+        "slow",
+        "--file",
+        path.to_str().unwrap(),
+    ])
+    .ok();
+    let run = cli.run(&["trigger", "slow", "--branch", "main", "--commit", &commit]);
+    let run = run.ok().stdout.trim().to_owned();
+
+    // Follow through the proxy while the step waits for the gate.
+    let proxy = CuttingProxy::start(&server.base);
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_shipinator"));
+    follower
+        .args([
+            "logs",
+            &run,
+            "--step",
+            "talk",
+            "-f",
+            "--server",
+            &proxy.addr,
+            "--token",
+        ])
+        .arg(&server.admin)
+        .current_dir(work.path())
+        .env_remove("SHIPINATOR_SERVER")
+        .env_remove("SHIPINATOR_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut follower = Running(follower.spawn().unwrap());
+    let deadline = Instant::now() + CLI_BOUND;
+    while !proxy.cut.load(Ordering::SeqCst) {
+        assert!(
+            Instant::now() < deadline,
+            "the follower never received a line"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::write(&gate, "").unwrap();
+    let status = loop {
+        if let Some(status) = follower.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower did not end with the step"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    follower
+        .0
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let mut stderr = String::new();
+    follower
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{stdout}\n{stderr}");
+
+    // Every line exactly once, in order: what reading the finished log prints.
+    let read = cli.run(&["logs", &run, "--step", "talk"]);
+    assert_eq!(stdout, read.ok().stdout);
+    for word in ["first", "second", "third"] {
+        assert_eq!(
+            stdout.matches(&format!("] {word}\n")).count(),
+            1,
+            "{stdout}"
+        );
+    }
+    let follows = proxy.follows.lock().unwrap().clone();
+    assert!(follows.len() >= 2, "the follower reconnected: {follows:?}");
+    assert!(
+        !follows[0].to_lowercase().contains("last-event-id"),
+        "{}",
+        follows[0]
+    );
+    assert!(
+        follows[1].to_lowercase().contains("last-event-id: "),
+        "{}",
+        follows[1]
+    );
+    drop(proxy);
+    server.terminate();
 }
