@@ -798,3 +798,135 @@ fn logs_follow_resumes_with_last_event_id_after_a_dropped_connection() {
     drop(proxy);
     server.terminate();
 }
+
+#[test]
+fn logs_follow_rides_out_a_server_restart() {
+    let data = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let gate = work.path().join("gate");
+    let slow = format!(
+        "build:\n  steps:\n    - name: talk\n      run: echo first; while [ ! -e {} ]; do sleep 0.1; done; echo second\n",
+        gate.display()
+    );
+    let (repo, commit) = repository(&[("slow.yaml", &slow)]);
+    let server = Server::start(data.path(), &[]);
+    let base = server.base.clone();
+    let admin = server.admin.clone();
+    let cli = Remote {
+        server: &server,
+        token: admin.clone(),
+        cwd: work.path(),
+    };
+    let repo_id = register(&cli, "restarts", repo.path());
+    let path = repo.path().join("slow.yaml");
+    cli.run(&[
+        "pipelines",
+        "create",
+        "--repo",
+        &repo_id,
+        "--name",
+        "slow",
+        "--file",
+        path.to_str().unwrap(),
+    ])
+    .ok();
+    let run = cli.run(&["trigger", "slow", "--branch", "main", "--commit", &commit]);
+    let run = run.ok().stdout.trim().to_owned();
+
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_shipinator"));
+    follower
+        .args([
+            "logs", &run, "--step", "talk", "-f", "--server", &base, "--token", &admin,
+        ])
+        .current_dir(work.path())
+        .env_remove("SHIPINATOR_SERVER")
+        .env_remove("SHIPINATOR_TOKEN")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut follower = Running(follower.spawn().unwrap());
+    let stdout = follower.0.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while !seen.iter().any(|l: &String| l.ends_with("] first")) {
+        seen.push(
+            lines
+                .recv_timeout(CLI_BOUND)
+                .expect("the follower printed the first line"),
+        );
+    }
+
+    // SIGKILL the server mid-step, open the gate, start it again on the same address.
+    drop(cli);
+    drop(server);
+    std::fs::write(&gate, "").unwrap();
+    let listen = base.trim_start_matches("http://");
+    let server = Server::start_on(data.path(), listen, &[]);
+    assert_eq!(server.base, base);
+
+    let deadline = Instant::now() + CLI_BOUND;
+    let status = loop {
+        if let Some(status) = follower.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower did not end with the step"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    reader.join().unwrap();
+    seen.extend(lines.try_iter());
+    let mut stderr = String::new();
+    follower
+        .0
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{seen:?}\n{stderr}");
+
+    // It ends with the whole log of the attempt that finished, each line once.
+    let cli = Remote {
+        server: &server,
+        token: admin.clone(),
+        cwd: work.path(),
+    };
+    let shown = cli
+        .run(&["runs", "show", &run, "--output", "json"])
+        .ok()
+        .json();
+    assert_eq!(shown["run"]["status"], "success", "{shown}");
+    let final_log = cli.run(&["logs", &run, "--step", "talk"]);
+    let final_lines: Vec<&str> = final_log.ok().stdout.lines().collect();
+    assert!(
+        seen.ends_with(
+            &final_lines
+                .iter()
+                .map(|l| (*l).to_owned())
+                .collect::<Vec<_>>()
+        ),
+        "{seen:?}\n{final_lines:?}"
+    );
+    assert_eq!(
+        seen.iter().filter(|l| l.ends_with("] second")).count(),
+        1,
+        "{seen:?}"
+    );
+    // The local executor reports a step of a killed server lost and runs it again.
+    assert_eq!(shown["steps"][0]["attempt"], 2, "{shown}");
+    assert!(
+        stderr.contains("build/talk: attempt 2 (attempt 1 was lost)"),
+        "{stderr}"
+    );
+    server.terminate();
+}

@@ -52,8 +52,13 @@ impl Drop for Server {
 
 impl Server {
     pub(crate) fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_on(data_dir, "127.0.0.1:0", env)
+    }
+
+    /// Starts on a given address (a restart on the port clients already use).
+    pub(crate) fn start_on(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shipinator"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        cmd.args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .env_remove("SHIPINATOR_DATA_DIR")
             .env_remove("SHIPINATOR_DATABASE__URL")
