@@ -145,11 +145,6 @@ pub(crate) fn ordered_steps<'a>(
     out
 }
 
-/// Whether a run's status word is terminal.
-pub(crate) fn terminal(status: RunStatus) -> bool {
-    status.is_terminal()
-}
-
 pub(crate) fn runs(client: Client, cmd: RunsCommand) -> u8 {
     block_on(async move {
         match cmd {
@@ -307,7 +302,7 @@ async fn cancel(client: &Client, run: RunId, output: OutputFormat) -> Result<u8,
     eprintln!("cancellation of run {run} requested; waiting for it to stop");
     let done = loop {
         let now = client.get_run(run).await?;
-        if terminal(now.status) {
+        if now.status.is_terminal() {
             break now;
         }
         tokio::time::sleep(POLL).await;

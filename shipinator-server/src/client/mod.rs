@@ -1030,4 +1030,54 @@ mod tests {
             Err(ClientError::BadServerUrl { .. })
         ));
     }
+
+    /// A payload that does not match its recorded checksum is discarded, never left where the
+    /// caller asked for it.
+    #[tokio::test]
+    async fn a_download_that_does_not_match_its_checksum_is_discarded() {
+        let app = Router::new().route(
+            "/v1/artifacts/{id}/download",
+            get(|| async { "payload with a flipped bit" }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = Client::new(&format!("http://{addr}"), Some("shp_test")).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("app.bin");
+        let body = b"payload with a flipped bit";
+        let good = format!("sha256:{}", hex::encode(Sha256::digest(body)));
+        let meta = |checksum: &str| ArtifactDto {
+            id: ArtifactId::new_v7(),
+            run_id: RunId::new_v7(),
+            job_id: shipinator_core::domain::JobId::new_v7(),
+            step_id: None,
+            artifact_type: shipinator_core::domain::ArtifactType::Binary,
+            name: None,
+            path: Some("out/app.bin".to_owned()),
+            storage_backend: "nfs".to_owned(),
+            storage_path: String::new(),
+            checksum: Some(checksum.to_owned()),
+            size: body.len() as u64,
+            metadata: Default::default(),
+            created_at: "2026-01-01T00:00:00Z".to_owned(),
+        };
+        let bad = meta(&format!("sha256:{}", "0".repeat(64)));
+        let e = client.download_artifact(&bad, &target).await.unwrap_err();
+        assert!(matches!(e, ClientError::Corrupt { .. }), "{e}");
+        assert_eq!(e.exit_code(), EXIT_FAILED);
+        assert!(!target.exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "no partial file left"
+        );
+        let done = client
+            .download_artifact(&meta(&good), &target)
+            .await
+            .unwrap();
+        assert_eq!(done.checksum, good);
+        assert_eq!(std::fs::read(&target).unwrap(), body);
+        server.abort();
+    }
 }
