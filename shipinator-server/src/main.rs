@@ -6,6 +6,7 @@ use clap::Parser;
 
 mod bench;
 mod cli;
+mod client;
 mod gitinfo;
 mod local;
 mod server;

@@ -16,6 +16,7 @@ use shipinator_local::{DataDir, RunControl};
 use shipinator_nfs::{PrunePolicy, prune};
 use tokio::io::AsyncWriteExt as _;
 
+use super::remote::RemoteArgs;
 use super::run::{print_summary, record_json};
 use super::{EXIT_FAILED, EXIT_OK, EXIT_USAGE, OutputFormat};
 use crate::local::LocalStack;
@@ -38,6 +39,9 @@ pub(crate) enum RunsCommand {
         /// Only runs of this branch.
         #[arg(long)]
         branch: Option<String>,
+        /// Only runs of this pipeline (its id; with --server also its name).
+        #[arg(long)]
+        pipeline: Option<String>,
         /// At most this many.
         #[arg(long, default_value_t = 20)]
         limit: u32,
@@ -163,19 +167,40 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<u8>>) -> u8 {
     }
 }
 
-pub(crate) fn runs(data: &DataDirArg, cmd: RunsCommand) -> u8 {
+/// With a server, the command's client; `Err` carries the exit code of a bad `--server`.
+fn remote_client(remote: &RemoteArgs) -> Result<Option<crate::client::Client>, u8> {
+    remote.client().map_err(|e| {
+        super::remote::report(&e, None);
+        e.exit_code()
+    })
+}
+
+pub(crate) fn runs(data: &DataDirArg, remote: &RemoteArgs, cmd: RunsCommand) -> u8 {
+    match remote_client(remote) {
+        Ok(Some(client)) => return super::remote::runs(client, cmd),
+        Ok(None) => {}
+        Err(code) => return code,
+    }
     block_on(async move {
         let stack = LocalStack::open(DataDir::new(&data.data_dir)).await?;
         match cmd {
             RunsCommand::List {
                 status,
                 branch,
+                pipeline,
                 limit,
                 output,
             } => {
+                let pipeline_id = match pipeline {
+                    Some(p) => Some(p.parse().map_err(|e| {
+                        anyhow::anyhow!("--pipeline '{p}' is not a pipeline id: {e}")
+                    })?),
+                    None => None,
+                };
                 let filter = RunFilter {
                     status,
                     git_ref: branch,
+                    pipeline_id,
                     ..RunFilter::default()
                 };
                 let page = stack
@@ -308,7 +333,12 @@ async fn cancel(stack: &LocalStack, run: RunId, output: OutputFormat) -> anyhow:
     })
 }
 
-pub(crate) fn logs(data: &DataDirArg, args: LogsArgs) -> u8 {
+pub(crate) fn logs(data: &DataDirArg, remote: &RemoteArgs, args: LogsArgs) -> u8 {
+    match remote_client(remote) {
+        Ok(Some(client)) => return super::remote::logs(client, args),
+        Ok(None) => {}
+        Err(code) => return code,
+    }
     block_on(async move {
         let stack = LocalStack::open(DataDir::new(&data.data_dir)).await?;
         let record = stack.store.load_run(args.run).await?;
@@ -379,7 +409,12 @@ fn stage_rank(stage: Option<JobType>) -> usize {
         .unwrap_or(usize::MAX)
 }
 
-pub(crate) fn artifacts(data: &DataDirArg, cmd: ArtifactsCommand) -> u8 {
+pub(crate) fn artifacts(data: &DataDirArg, remote: &RemoteArgs, cmd: ArtifactsCommand) -> u8 {
+    match remote_client(remote) {
+        Ok(Some(client)) => return super::remote::artifacts(client, cmd),
+        Ok(None) => {}
+        Err(code) => return code,
+    }
     block_on(async move {
         let stack = LocalStack::open(DataDir::new(&data.data_dir)).await?;
         match cmd {

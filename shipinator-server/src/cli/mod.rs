@@ -50,10 +50,12 @@ pub(crate) enum Command {
     Schema,
     /// Run a directory's pipeline on this machine (SQLite, local artifacts, local processes).
     Run(crate::cli::run::RunArgs),
-    /// List, show, cancel and retry runs of the local data directory.
+    /// List, show, cancel and retry runs (of the local data directory, or of `--server`).
     Runs {
         #[command(flatten)]
         data: inspect::DataDirArg,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
         #[command(subcommand)]
         command: inspect::RunsCommand,
     },
@@ -62,12 +64,16 @@ pub(crate) enum Command {
         #[command(flatten)]
         data: inspect::DataDirArg,
         #[command(flatten)]
+        remote: remote::RemoteArgs,
+        #[command(flatten)]
         args: inspect::LogsArgs,
     },
-    /// List, download and prune artifacts of the local data directory.
+    /// List, download and prune artifacts (of the local data directory, or of `--server`).
     Artifacts {
         #[command(flatten)]
         data: inspect::DataDirArg,
+        #[command(flatten)]
+        remote: remote::RemoteArgs,
         #[command(subcommand)]
         command: inspect::ArtifactsCommand,
     },
@@ -80,6 +86,16 @@ pub(crate) enum Command {
         #[command(subcommand)]
         command: crate::cli::tokens::TokensCommand,
     },
+    /// Create and list projects on a server.
+    Projects(projects::ProjectsArgs),
+    /// Register and list repositories on a server.
+    Repos(projects::ReposArgs),
+    /// Create and list pipelines on a server.
+    Pipelines(projects::PipelinesArgs),
+    /// Ask a server for a run of a pipeline; `--wait` follows it and exits with its result.
+    Trigger(trigger::TriggerArgs),
+    /// Print a shell completion script.
+    Completions(completions::CompletionsArgs),
     /// Measure the engine and its backends; each subcommand prints one JSON line.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -94,11 +110,24 @@ impl Cli {
             Command::Validate(args) => validate::run(&args),
             Command::Schema => validate::schema(),
             Command::Run(args) => run::run(&args),
-            Command::Runs { data, command } => inspect::runs(&data, command),
-            Command::Logs { data, args } => inspect::logs(&data, args),
-            Command::Artifacts { data, command } => inspect::artifacts(&data, command),
+            Command::Runs {
+                data,
+                remote,
+                command,
+            } => inspect::runs(&data, &remote, command),
+            Command::Logs { data, remote, args } => inspect::logs(&data, &remote, args),
+            Command::Artifacts {
+                data,
+                remote,
+                command,
+            } => inspect::artifacts(&data, &remote, command),
             Command::Serve(args) => serve::run(&args),
             Command::Tokens { server, command } => tokens::run(&server, command),
+            Command::Projects(args) => projects::projects(args),
+            Command::Repos(args) => projects::repos(args),
+            Command::Pipelines(args) => projects::pipelines(args),
+            Command::Trigger(args) => trigger::run(args),
+            Command::Completions(args) => completions::run(&args),
             Command::Bench(cmd) => bench::run(cmd),
             Command::Worker(args) => crate::worker::run(args),
         };
@@ -124,9 +153,13 @@ pub(crate) fn init_tracing(global: &GlobalArgs, json: bool) {
     };
 }
 
+pub(crate) mod completions;
 pub(crate) mod inspect;
 pub(crate) mod progress;
+pub(crate) mod projects;
+pub(crate) mod remote;
 pub(crate) mod run;
 pub(crate) mod serve;
 pub(crate) mod tokens;
+pub(crate) mod trigger;
 pub(crate) mod validate;

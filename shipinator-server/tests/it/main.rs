@@ -3,6 +3,7 @@
 // Helpers outside `#[test]` functions unwrap too: a failure there is a test failure.
 #![allow(clippy::unwrap_used)]
 
+mod cli_client;
 mod run;
 mod run_dogfood;
 mod run_signals;

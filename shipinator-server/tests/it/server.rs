@@ -24,7 +24,7 @@ test:
       run: grep -q 'payload main' out/app.bin
 "#;
 
-fn git(dir: &Path, args: &[&str]) -> String {
+pub(crate) fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
         .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
         .args(args)
@@ -37,10 +37,10 @@ fn git(dir: &Path, args: &[&str]) -> String {
 }
 
 /// A running `shipinator serve`; killed on drop.
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    base: String,
-    admin: String,
+    pub(crate) base: String,
+    pub(crate) admin: String,
 }
 
 impl Drop for Server {
@@ -51,9 +51,14 @@ impl Drop for Server {
 }
 
 impl Server {
-    fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+    pub(crate) fn start(data_dir: &Path, env: &[(&str, &str)]) -> Server {
+        Server::start_on(data_dir, "127.0.0.1:0", env)
+    }
+
+    /// Starts on a given address (a restart on the port clients already use).
+    pub(crate) fn start_on(data_dir: &Path, listen: &str, env: &[(&str, &str)]) -> Server {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_shipinator"));
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        cmd.args(["serve", "--listen", listen, "--data-dir"])
             .arg(data_dir)
             .env_remove("SHIPINATOR_DATA_DIR")
             .env_remove("SHIPINATOR_DATABASE__URL")
@@ -113,7 +118,7 @@ impl Server {
     }
 
     /// SIGTERM, then waits for a clean exit.
-    fn terminate(mut self) {
+    pub(crate) fn terminate(mut self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
