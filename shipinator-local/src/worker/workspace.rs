@@ -224,7 +224,7 @@ pub async fn export_subtree(
             std::fs::remove_dir_all(stale).map_err(|e| Error::io_at("removing", stale, e))?;
         }
     }
-    git::checkout(&git, &mirror, &tmp, Some(commit)).await?;
+    git::checkout(&git, &mirror, &tmp, Some(commit), true).await?;
     let inner = safe_join(&tmp, subdir)?;
     if !inner.is_dir() {
         let _ = std::fs::remove_dir_all(&tmp);
