@@ -538,6 +538,10 @@ pub(crate) struct UploadedArtifact {
     pub(crate) size: u64,
     /// `sha256:<hex>`.
     pub(crate) checksum: String,
+    /// The artifact store the bytes went to (`nfs`, `s3`).
+    pub(crate) storage_backend: String,
+    /// Where within that store.
+    pub(crate) storage_path: String,
 }
 
 /// Liveness and readiness.

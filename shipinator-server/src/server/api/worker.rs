@@ -13,15 +13,20 @@ use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use futures_util::StreamExt;
-use shipinator_core::artifact::ArtifactMeta;
+use shipinator_core::artifact::{ArtifactError, ArtifactMeta};
 use shipinator_core::domain::{ArtifactId, ExecutionId};
-use shipinator_core::executor::{ExecutionReport, ExecutionResult, ExecutionState};
+use shipinator_core::executor::{
+    ExecutionReport, ExecutionResult, ExecutionState, ProducedArtifact,
+};
 
 use super::{ApiJson, ApiPath};
 use crate::server::AppState;
 use crate::server::auth::Caller;
 use crate::server::dto::{ExecutionStatusBody, LogBatch, ReportedStatus, UploadedArtifact};
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
+
+/// `storage_backend` of an artifact known only by reference (an OCI image ref): no bytes.
+const REFERENCE_ONLY_BACKEND: &str = "none";
 
 /// An execution's status (DMD §4.3): `running`, or the result (`success`, `failed`), or
 /// `lost`. Artifacts are `ProducedArtifact` objects carrying their id (an extension of the
@@ -67,7 +72,7 @@ pub(crate) async fn report_status(
             ExecutionState::Finished(ExecutionResult {
                 exit_code,
                 logs_uri: body.logs_uri,
-                artifacts: body.artifacts,
+                artifacts: recorded_artifacts(&state, body.artifacts).await?,
                 failure: body.failure,
             })
         }
@@ -87,6 +92,36 @@ pub(crate) async fn report_status(
         state: reported,
     })?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// The reported artifacts as the server records them: where the bytes are, their size and
+/// checksum come from this server's artifact store, not from the worker, which only knows the
+/// upload endpoint. A payload artifact that was never uploaded is refused.
+async fn recorded_artifacts(
+    state: &AppState,
+    reported: Vec<ProducedArtifact>,
+) -> ApiResult<Vec<ProducedArtifact>> {
+    let mut recorded = Vec::with_capacity(reported.len());
+    for mut artifact in reported {
+        if artifact.storage_backend != REFERENCE_ONLY_BACKEND {
+            let stored = match state.artifacts.head(artifact.id).await {
+                Ok(stored) => stored,
+                Err(ArtifactError::NotFound { id }) => {
+                    return Err(ApiError::field(
+                        "artifacts",
+                        format!("artifact {id} was reported but never uploaded"),
+                    ));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            artifact.storage_backend = stored.backend;
+            artifact.storage_path = stored.storage_path;
+            artifact.size = stored.size;
+            artifact.checksum = Some(stored.checksum);
+        }
+        recorded.push(artifact);
+    }
+    Ok(recorded)
 }
 
 /// Append log lines of an execution. Lines whose sequence numbers are already stored are
@@ -203,6 +238,8 @@ pub(crate) async fn upload_artifact(
             id: stored.id,
             size: stored.size,
             checksum,
+            storage_backend: stored.backend,
+            storage_path: stored.storage_path,
         }),
     ))
 }
