@@ -38,7 +38,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::domain::{PipelineRun, RunId};
+use crate::domain::{ExecutionId, PipelineRun, RunId};
 use crate::executor::{
     ExecHandle, ExecutionReport, ExecutionState, Executor, ExecutorError, ReportStream,
 };
@@ -202,6 +202,7 @@ impl Driver {
             leases: HashMap::new(),
             created: HashMap::new(),
             pending_cancels: HashSet::new(),
+            submitting: HashSet::new(),
             reload: Vec::new(),
             claim_now: true,
             waiters: HashMap::new(),
@@ -380,8 +381,12 @@ struct Loop {
     config: DriverConfig,
     clock: Clock,
     rx: mpsc::UnboundedReceiver<Msg>,
-    fx_tx: mpsc::UnboundedSender<Input>,
-    fx_rx: mpsc::UnboundedReceiver<Input>,
+    fx_tx: mpsc::UnboundedSender<Fx>,
+    fx_rx: mpsc::UnboundedReceiver<Fx>,
+    /// Executions whose submission is in flight: their status is not asked (a `NotFound`
+    /// would race the submission) and a cancel waits for the submission's answer (the
+    /// orchestrator asks again when it learns the execution started).
+    submitting: HashSet<ExecutionId>,
     events: broadcast::Sender<RunEvent>,
     leases: HashMap<RunId, RunLease>,
     /// Runs this driver created and has not claimed yet.
@@ -393,6 +398,15 @@ struct Loop {
     claim_now: bool,
     /// Callers of `wait_for_run`, woken when the run ends.
     waiters: HashMap<RunId, Vec<oneshot::Sender<bool>>>,
+}
+
+/// What a side effect sends back to the loop.
+#[derive(Debug)]
+enum Fx {
+    /// A fact learned by a status check or a cancellation.
+    Input(Input),
+    /// The answer to the submission of an execution.
+    Submitted(ExecutionId, Input),
 }
 
 /// At most this many inputs are handled per tick (one store commit).
@@ -457,7 +471,7 @@ impl Loop {
                         }
                         Some(msg) => self.accept(msg, &mut inputs),
                     },
-                    Some(input) = self.fx_rx.recv() => inputs.push(input),
+                    Some(fx) = self.fx_rx.recv() => inputs.push(self.fx_input(fx)),
                     Some(report) = next_report(&mut reports) => {
                         inputs.extend(report_input(report));
                     }
@@ -494,11 +508,24 @@ impl Loop {
         }
         while inputs.len() < MAX_TICK_INPUTS {
             match self.fx_rx.try_recv() {
-                Ok(input) => inputs.push(input),
+                Ok(fx) => {
+                    let input = self.fx_input(fx);
+                    inputs.push(input);
+                }
                 Err(_) => break,
             }
         }
         false
+    }
+
+    fn fx_input(&mut self, fx: Fx) -> Input {
+        match fx {
+            Fx::Input(input) => input,
+            Fx::Submitted(id, input) => {
+                self.submitting.remove(&id);
+                input
+            }
+        }
     }
 
     fn accept(&mut self, msg: Msg, inputs: &mut Vec<Input>) {
@@ -639,7 +666,8 @@ impl Loop {
 
     /// The fallback for lost reports: asks the executor about every running execution.
     fn poll_statuses(&self) {
-        let handles = self.orch.active_executions();
+        let mut handles = self.orch.active_executions();
+        handles.retain(|h| !self.submitting.contains(&h.execution_id));
         if handles.is_empty() {
             return;
         }
@@ -648,7 +676,7 @@ impl Loop {
         tokio::spawn(async move {
             for handle in handles {
                 if let Some(input) = check(&*executor, &handle).await
-                    && fx.send(input).is_err()
+                    && fx.send(Fx::Input(input)).is_err()
                 {
                     return;
                 }
@@ -779,6 +807,7 @@ impl Loop {
                 if failed.contains(&spec.run_id) {
                     return;
                 }
+                self.submitting.insert(spec.execution_id);
                 let executor = Arc::clone(&self.executor);
                 let fx = self.fx_tx.clone();
                 let backoff = self.config.retry_backoff;
@@ -810,31 +839,38 @@ impl Loop {
                                 }
                             }
                         };
-                        let _ = fx.send(input);
+                        let _ = fx.send(Fx::Submitted(execution_id, input));
                     }
                     .instrument(span),
                 );
             }
             Command::Cancel { run_id, handle } => {
-                if failed.contains(&run_id) {
+                if failed.contains(&run_id) || self.submitting.contains(&handle.execution_id) {
                     return;
                 }
                 let executor = Arc::clone(&self.executor);
+                let fx = self.fx_tx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = executor.cancel(&handle).await {
+                    if let Err(e) = executor.cancel(&handle).await
+                        && !matches!(e, ExecutorError::NotFound { .. })
+                    {
                         tracing::warn!(run_id = %run_id, execution_id = %handle.execution_id, error = %error_chain(&e), "cancel failed");
+                    }
+                    // Confirm: the execution is recorded ended once the executor says so.
+                    if let Some(input) = check(&*executor, &handle).await {
+                        let _ = fx.send(Fx::Input(input));
                     }
                 });
             }
             Command::Check { run_id, handle } => {
-                if failed.contains(&run_id) {
+                if failed.contains(&run_id) || self.submitting.contains(&handle.execution_id) {
                     return;
                 }
                 let executor = Arc::clone(&self.executor);
                 let fx = self.fx_tx.clone();
                 tokio::spawn(async move {
                     if let Some(input) = check(&*executor, &handle).await {
-                        let _ = fx.send(input);
+                        let _ = fx.send(Fx::Input(input));
                     }
                 });
             }
