@@ -1351,21 +1351,21 @@ fn started(
                 write_exec(exec, tx);
             }
         }
-        Status::Canceled | Status::Failed => {
-            // Recorded ended (lost) before the executor told us its id: record the id and
-            // cancel with the real handle.
+        Status::Succeeded | Status::Failed | Status::Canceled | Status::Skipped => {
+            // Its end was reported before the answer to its submission (an executor that
+            // finishes at once): record the id all the same. One recorded ended without
+            // running to completion (lost) is cancelled with the real handle, in case the
+            // executor still has it.
             if learned {
                 write_exec(exec, tx);
-                tx.effects.push(Command::Cancel {
-                    run_id: tx.run_id,
-                    handle: ExecHandle {
-                        execution_id,
-                        external_id: exec.external_id.clone(),
-                    },
-                });
+                if exec.exit_code.is_none() && exec.status != Status::Succeeded {
+                    tx.effects.push(Command::Cancel {
+                        run_id: tx.run_id,
+                        handle: exec.handle(),
+                    });
+                }
             }
         }
-        Status::Succeeded | Status::Skipped => {}
     }
 }
 

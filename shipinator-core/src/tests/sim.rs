@@ -1727,6 +1727,28 @@ mod driver {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_execution_that_ends_before_its_submission_returns_keeps_its_external_id() {
+        let store = seeded(InMemoryStore::new()).await;
+        // Zero-duration steps end inside `submit`: the report overtakes the handle.
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        let driver = spawn(&store, Arc::new(executor.clone()), "a");
+        let run = driver
+            .submit_run(request(full_spec(), Trigger::Push, "main"))
+            .await
+            .unwrap();
+        let done = driver.wait_for_run(run).await.unwrap();
+        assert_eq!(done.status, RunStatus::Success);
+        let record = store.load_run(run).await.unwrap();
+        assert_eq!(record.executions.len(), 5);
+        for e in &record.executions {
+            assert_eq!(e.status, Status::Succeeded);
+            assert_eq!(e.external_id, format!("mock-{}", e.id), "{e:?}");
+        }
+        driver.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn cancel_and_infra_retry_through_the_driver() {
         let store = seeded(InMemoryStore::new()).await;
         let executor =
