@@ -59,7 +59,7 @@ pub mod stages;
 
 pub use plan::{
     DEPLOY_STEP, InheritedArtifact, PlanError, RunContext, RunDocument, RunRequest, branch_matches,
-    new_run, new_run_with_document, plan_stages, retry_run,
+    new_run, new_run_with_document, plan_stages, retry_run, run_artifacts,
 };
 pub use stages::{Buildinator, Deployinator, StageError, StepRequest, Testinator};
 

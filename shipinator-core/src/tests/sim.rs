@@ -1516,6 +1516,14 @@ fn retry_from_the_failed_stage_reuses_earlier_artifacts_by_id() {
     let unit = &sim.submits[submits_before].1;
     let inputs: Vec<_> = unit.inputs.iter().map(|i| i.id).collect();
     assert_eq!(inputs, built);
+    // Listing the retry's artifacts shows the inherited ones (same ids), then its own.
+    let own: Vec<ArtifactId> = sim.record(retry).artifacts.iter().map(|a| a.id).collect();
+    assert!(own.iter().all(|id| !built.contains(id)), "own rows only");
+    let listed: Vec<ArtifactId> = crate::orchestrator::run_artifacts(sim.record(retry))
+        .iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(listed, [built.clone(), own].concat());
     // Only succeeded or cancelled runs... a successful run cannot be retried.
     assert!(retry_run(sim.record(retry), RunId::new_v7(), sim.now, "t").is_err());
 }

@@ -13,7 +13,7 @@ use shipinator_core::config::{self, LoadError};
 use shipinator_core::domain::{JobType, RunId, RunStatus, Status, StepId, Trigger};
 use shipinator_core::driver::{Driver, DriverConfig, DriverHandle};
 use shipinator_core::executor::SourceSpec;
-use shipinator_core::orchestrator::{RunRequest, plan_stages};
+use shipinator_core::orchestrator::{RunRequest, plan_stages, run_artifacts};
 use shipinator_core::store::{PageRequest, RunEventKind, RunFilter, RunRecord};
 use shipinator_core::time::Timestamp;
 use shipinator_local::DataDir;
@@ -435,7 +435,7 @@ pub(crate) fn record_json(record: &RunRecord) -> serde_json::Value {
         "jobs": record.jobs,
         "steps": record.steps,
         "executions": record.executions,
-        "artifacts": record.artifacts,
+        "artifacts": run_artifacts(record),
     })
 }
 
@@ -454,10 +454,11 @@ pub(crate) fn print_summary(record: &RunRecord) {
             .unwrap_or_else(|| step.name.clone());
         println!("{name:<32} {:<10} {took:>9}", step.status.as_str());
     }
-    if !record.artifacts.is_empty() {
+    let artifacts = run_artifacts(record);
+    if !artifacts.is_empty() {
         println!();
         println!("{:<28} {:<12} {:>10}  SHA256", "ARTIFACT", "TYPE", "SIZE");
-        for a in &record.artifacts {
+        for a in &artifacts {
             let name = a
                 .path
                 .clone()
