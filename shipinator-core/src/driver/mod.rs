@@ -622,7 +622,13 @@ impl Loop {
                 {
                     // Already ended: no `RunEnded` will come to wake the waiter.
                     let _ = tx.send(true);
-                } else if self.orch.owns(run_id) || self.created.contains_key(&run_id) {
+                } else if self.orch.owns(run_id)
+                    || self.created.contains_key(&run_id)
+                    || self.leases.contains_key(&run_id)
+                {
+                    // Owned, or about to be: created here and not claimed yet, or claimed and
+                    // not loaded yet (between a claim and the tick that loads what it
+                    // claimed, the run is neither created nor owned).
                     self.waiters.entry(run_id).or_default().push(tx);
                 } else {
                     let _ = tx.send(false);
@@ -853,6 +859,9 @@ impl Loop {
             | StoreError::NotFound { .. } => {
                 tracing::warn!(run_id = %run_id, error = %error_chain(e), "run taken over; dropping it");
                 self.leases.remove(&run_id);
+                for w in self.waiters.remove(&run_id).unwrap_or_default() {
+                    let _ = w.send(false);
+                }
             }
             _ => {
                 tracing::warn!(run_id = %run_id, error = %error_chain(e), "commit failed; reloading the run");
