@@ -14,15 +14,13 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use shipinator_core::config::{OutputSpec, PipelineSpec, StageSpec, StepSpec, Template, Triggers};
 use shipinator_core::domain::{
-    ArtifactId, ArtifactType, JobType, Pipeline, PipelineId, Project, ProjectId, Repository,
-    RepositoryId, RunId, RunStatus, Status, Trigger,
+    ArtifactId, ArtifactType, JobType, RunId, RunStatus, Status, Trigger,
 };
 use shipinator_core::driver::{Driver, DriverConfig};
 use shipinator_core::executor::SourceSpec;
 use shipinator_core::memory::{InMemoryArtifactStore, InMemoryStore, MockExecutor, MockStep};
-use shipinator_core::orchestrator::{RunDocument, RunRequest};
-use shipinator_core::store::{RunRecord, Store};
-use shipinator_core::time::Timestamp;
+use shipinator_core::orchestrator::{RunDocument, RunRequest, run_artifacts};
+use shipinator_core::store::{PipelineSource, RunRecord, Store, ensure_pipeline};
 
 /// A step with the defaults a YAML file would get.
 fn step(name: &str, run: &str) -> StepSpec {
@@ -78,7 +76,18 @@ fn pipeline() -> anyhow::Result<PipelineSpec> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let store = Arc::new(InMemoryStore::new());
-    let pipeline_id = seed(&*store).await?;
+    let (_project, pipeline_row) = ensure_pipeline(
+        &*store,
+        PipelineSource {
+            project_name: "demo",
+            clone_url: "https://git.example.com/demo/app.git",
+            default_branch: "main",
+            pipeline_name: "app",
+            source_spec: "",
+        },
+    )
+    .await?;
+    let pipeline_id = pipeline_row.id;
     let executor = MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
     executor.script(
         "unit",
@@ -154,6 +163,11 @@ async fn main() -> anyhow::Result<()> {
         inherited == built,
         "the retry inherited {inherited:?}, not {built:?}"
     );
+    let listed: Vec<ArtifactId> = run_artifacts(&retry).iter().map(|a| a.id).collect();
+    ensure!(
+        built.iter().all(|id| listed.contains(id)),
+        "the retry's artifact list {listed:?} lacks the reused {built:?}"
+    );
     let retried = &executor.specs()[submits_before..];
     ensure!(
         retried.iter().all(|s| s.stage == JobType::Test),
@@ -215,7 +229,8 @@ fn print_run(label: &str, record: &RunRecord) {
             step.name, step.status
         );
     }
-    for a in &record.artifacts {
+    // A retry's own artifacts and those it reuses from the run it retries.
+    for a in &run_artifacts(record) {
         println!(
             "  artifact {} {} {}",
             a.id,
@@ -223,38 +238,4 @@ fn print_run(label: &str, record: &RunRecord) {
             a.path.as_deref().unwrap_or("-")
         );
     }
-}
-
-/// Creates the project, repository and pipeline a run refers to.
-async fn seed(store: &dyn Store) -> anyhow::Result<PipelineId> {
-    let now = Timestamp::now();
-    let project = Project {
-        id: ProjectId::new_v7(),
-        name: "demo".to_owned(),
-        description: None,
-        created_at: now,
-        updated_at: now,
-    };
-    let repository = Repository {
-        id: RepositoryId::new_v7(),
-        project_id: project.id,
-        vcs_provider: "git".to_owned(),
-        clone_url: "https://git.example.com/demo/app.git".to_owned(),
-        default_branch: "main".to_owned(),
-        created_at: now,
-        updated_at: now,
-    };
-    let pipeline = Pipeline {
-        id: PipelineId::new_v7(),
-        repository_id: repository.id,
-        name: "app".to_owned(),
-        trigger_type: Trigger::Manual,
-        source_spec: String::new(),
-        created_at: now,
-        updated_at: now,
-    };
-    store.create_project(&project).await?;
-    store.create_repository(&repository).await?;
-    store.create_pipeline(&pipeline).await?;
-    Ok(pipeline.id)
 }

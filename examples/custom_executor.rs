@@ -11,10 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::ensure;
 use shipinator_core::config;
-use shipinator_core::domain::{
-    ExecutionId, Pipeline, PipelineId, Project, ProjectId, Repository, RepositoryId, RunStatus,
-    Trigger,
-};
+use shipinator_core::domain::{ExecutionId, RunStatus, Trigger};
 use shipinator_core::driver::{Driver, DriverConfig};
 use shipinator_core::executor::{
     ExecHandle, ExecutionReport, ExecutionResult, ExecutionSpec, ExecutionState, Executor,
@@ -22,8 +19,7 @@ use shipinator_core::executor::{
 };
 use shipinator_core::memory::InMemoryStore;
 use shipinator_core::orchestrator::RunRequest;
-use shipinator_core::store::Store;
-use shipinator_core::time::Timestamp;
+use shipinator_core::store::{PipelineSource, Store, ensure_pipeline};
 use tokio::sync::mpsc;
 
 /// Echoes each command into `log` and finishes it at once, successfully.
@@ -150,7 +146,18 @@ test:
 async fn main() -> anyhow::Result<()> {
     let spec = config::parse(".shipinator.yaml", PIPELINE).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Arc::new(InMemoryStore::new());
-    let pipeline_id = seed(&*store).await?;
+    let (_project, pipeline_row) = ensure_pipeline(
+        &*store,
+        PipelineSource {
+            project_name: "demo",
+            clone_url: "https://git.example.com/demo/app.git",
+            default_branch: "main",
+            pipeline_name: "app",
+            source_spec: PIPELINE,
+        },
+    )
+    .await?;
+    let pipeline_id = pipeline_row.id;
     let executor = Arc::new(EchoExecutor::new());
     let driver = Driver::new(
         Arc::clone(&store) as Arc<dyn Store>,
@@ -210,38 +217,4 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("ok: {} steps ran on the echo executor", record.steps.len());
     Ok(())
-}
-
-/// Creates the project, repository and pipeline a run refers to.
-async fn seed(store: &dyn Store) -> anyhow::Result<PipelineId> {
-    let now = Timestamp::now();
-    let project = Project {
-        id: ProjectId::new_v7(),
-        name: "demo".to_owned(),
-        description: None,
-        created_at: now,
-        updated_at: now,
-    };
-    let repository = Repository {
-        id: RepositoryId::new_v7(),
-        project_id: project.id,
-        vcs_provider: "git".to_owned(),
-        clone_url: "https://git.example.com/demo/app.git".to_owned(),
-        default_branch: "main".to_owned(),
-        created_at: now,
-        updated_at: now,
-    };
-    let pipeline = Pipeline {
-        id: PipelineId::new_v7(),
-        repository_id: repository.id,
-        name: "app".to_owned(),
-        trigger_type: Trigger::Manual,
-        source_spec: String::new(),
-        created_at: now,
-        updated_at: now,
-    };
-    store.create_project(&project).await?;
-    store.create_repository(&repository).await?;
-    store.create_pipeline(&pipeline).await?;
-    Ok(pipeline.id)
 }

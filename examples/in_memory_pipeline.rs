@@ -10,16 +10,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, ensure};
 use shipinator_core::config;
-use shipinator_core::domain::{
-    ArtifactType, Pipeline, PipelineId, Project, ProjectId, Repository, RepositoryId, RunStatus,
-    Status, Trigger,
-};
+use shipinator_core::domain::{ArtifactType, RunStatus, Status, Trigger};
 use shipinator_core::driver::{Driver, DriverConfig};
 use shipinator_core::executor::SourceSpec;
 use shipinator_core::memory::{InMemoryArtifactStore, InMemoryStore, MockExecutor, MockStep};
 use shipinator_core::orchestrator::RunRequest;
-use shipinator_core::store::Store;
-use shipinator_core::time::Timestamp;
+use shipinator_core::store::{PipelineSource, Store, ensure_pipeline};
 
 const PIPELINE: &str = r#"
 build:
@@ -53,7 +49,18 @@ async fn main() -> anyhow::Result<()> {
 
     // 2. The in-memory backends. A run refers to a pipeline row, so create one first.
     let store = Arc::new(InMemoryStore::new());
-    let pipeline_id = seed(&*store).await?;
+    let (_project, pipeline_row) = ensure_pipeline(
+        &*store,
+        PipelineSource {
+            project_name: "demo",
+            clone_url: "https://git.example.com/demo/app.git",
+            default_branch: "main",
+            pipeline_name: "app",
+            source_spec: PIPELINE,
+        },
+    )
+    .await?;
+    let pipeline_id = pipeline_row.id;
     let artifacts = Arc::new(InMemoryArtifactStore::new());
     let executor = MockExecutor::new().with_artifact_store(artifacts);
     executor.script(
@@ -160,38 +167,4 @@ async fn main() -> anyhow::Result<()> {
         record.artifacts.len()
     );
     Ok(())
-}
-
-/// Creates the project, repository and pipeline a run refers to.
-async fn seed(store: &dyn Store) -> anyhow::Result<PipelineId> {
-    let now = Timestamp::now();
-    let project = Project {
-        id: ProjectId::new_v7(),
-        name: "demo".to_owned(),
-        description: None,
-        created_at: now,
-        updated_at: now,
-    };
-    let repository = Repository {
-        id: RepositoryId::new_v7(),
-        project_id: project.id,
-        vcs_provider: "git".to_owned(),
-        clone_url: "https://git.example.com/demo/app.git".to_owned(),
-        default_branch: "main".to_owned(),
-        created_at: now,
-        updated_at: now,
-    };
-    let pipeline = Pipeline {
-        id: PipelineId::new_v7(),
-        repository_id: repository.id,
-        name: "app".to_owned(),
-        trigger_type: Trigger::Push,
-        source_spec: String::new(),
-        created_at: now,
-        updated_at: now,
-    };
-    store.create_project(&project).await?;
-    store.create_repository(&repository).await?;
-    store.create_pipeline(&pipeline).await?;
-    Ok(pipeline.id)
 }

@@ -544,7 +544,9 @@ pub struct Execution {
     pub status: ExecutionStatus,
     /// Exit code of the step's command, when it ran to completion (extension).
     pub exit_code: Option<i32>,
-    /// Why it failed when it was not the command's exit code (extension).
+    /// Why it failed or was cancelled when it was not the command's exit code (extension). Set
+    /// on an execution that has not ended, it records that the engine asked the executor to
+    /// stop it and why ([`Execution::cancel_requested`]).
     pub failure: Option<String>,
     /// Compare-and-set version.
     pub version: u64,
@@ -552,6 +554,15 @@ pub struct Execution {
     pub submitted_at: Timestamp,
     /// When it ended.
     pub completed_at: Option<Timestamp>,
+}
+
+impl Execution {
+    /// Whether the engine asked the executor to stop it and waits for the executor to confirm
+    /// (two-phase cancellation): it has not ended and has a `failure` reason. It is recorded
+    /// ended (`canceled`, or `failed` for a timeout) when the executor reports it stopped.
+    pub fn cancel_requested(&self) -> bool {
+        !self.status.is_terminal() && self.failure.is_some()
+    }
 }
 
 #[cfg(test)]

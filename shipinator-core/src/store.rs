@@ -21,6 +21,10 @@ use crate::domain::{
 use crate::error::BoxError;
 use crate::time::Timestamp;
 
+mod ensure;
+
+pub use ensure::{PipelineSource, ensure_pipeline};
+
 /// A page of results and the cursor for the next one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page<T> {
@@ -98,7 +102,8 @@ pub struct RunRecord {
     pub steps: Vec<JobStep>,
     /// Its executions, by step then attempt.
     pub executions: Vec<Execution>,
-    /// Artifacts its jobs produced, oldest first.
+    /// Artifacts its jobs produced, oldest first (a retry's inherited artifacts too:
+    /// `orchestrator::run_artifacts`).
     pub artifacts: Vec<Artifact>,
 }
 

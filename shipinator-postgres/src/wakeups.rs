@@ -64,6 +64,15 @@ impl Wakeups {
             Err(_) => Wakeup::Poll,
         }
     }
+
+    /// The wake-ups as an endless stream of [`wait`](Self::wait)'s answers, for
+    /// `Driver::with_wakeups`.
+    pub fn into_stream(self) -> impl futures_core::Stream<Item = Wakeup> + Send + 'static {
+        futures_util::stream::unfold(self, |mut w| async move {
+            let wakeup = w.wait().await;
+            Some((wakeup, w))
+        })
+    }
 }
 
 impl Drop for Wakeups {

@@ -6,12 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use shipinator_core::artifact::ArtifactStore;
-use shipinator_core::domain::{
-    Pipeline, PipelineId, Project, ProjectId, Repository, RepositoryId, Trigger,
-};
+use shipinator_core::domain::{Pipeline, Project};
 use shipinator_core::logs::LogStore;
-use shipinator_core::store::{PageRequest, Store, StoreError};
-use shipinator_core::time::Timestamp;
+use shipinator_core::store::{PipelineSource, Store};
 use shipinator_local::worker::BaseEnv;
 use shipinator_local::{DataDir, LocalExecutor};
 use shipinator_nfs::{FsLogStore, NfsArtifactStore};
@@ -69,72 +66,14 @@ pub(crate) async fn ensure_pipeline(
     pipeline_name: &str,
     source_spec: &str,
 ) -> anyhow::Result<(Project, Pipeline)> {
-    let now = Timestamp::now();
-    let project = match store.get_project_by_name(project_name).await {
-        Ok(p) => p,
-        Err(StoreError::NotFound { .. }) => {
-            let p = Project {
-                id: ProjectId::new_v7(),
-                name: project_name.to_owned(),
-                description: None,
-                created_at: now,
-                updated_at: now,
-            };
-            store
-                .create_project(&p)
-                .await
-                .context("recording the project")?;
-            p
-        }
-        Err(e) => return Err(e).context("looking up the project"),
+    let source = PipelineSource {
+        project_name,
+        clone_url,
+        default_branch,
+        pipeline_name,
+        source_spec,
     };
-    let repos = store
-        .list_repositories(Some(project.id), &PageRequest::first(1000))
-        .await?;
-    let repo = match repos.items.into_iter().find(|r| r.clone_url == clone_url) {
-        Some(r) => r,
-        None => {
-            let r = Repository {
-                id: RepositoryId::new_v7(),
-                project_id: project.id,
-                vcs_provider: "git".to_owned(),
-                clone_url: clone_url.to_owned(),
-                default_branch: default_branch.to_owned(),
-                created_at: now,
-                updated_at: now,
-            };
-            store
-                .create_repository(&r)
-                .await
-                .context("recording the repository")?;
-            r
-        }
-    };
-    let pipelines = store
-        .list_pipelines(Some(repo.id), &PageRequest::first(1000))
-        .await?;
-    let pipeline = match pipelines
-        .items
-        .into_iter()
-        .find(|p| p.name == pipeline_name)
-    {
-        Some(p) => p,
-        None => {
-            let p = Pipeline {
-                id: PipelineId::new_v7(),
-                repository_id: repo.id,
-                name: pipeline_name.to_owned(),
-                trigger_type: Trigger::Manual,
-                source_spec: source_spec.to_owned(),
-                created_at: now,
-                updated_at: now,
-            };
-            store
-                .create_pipeline(&p)
-                .await
-                .context("recording the pipeline")?;
-            p
-        }
-    };
-    Ok((project, pipeline))
+    shipinator_core::store::ensure_pipeline(store, source)
+        .await
+        .with_context(|| format!("recording project {project_name:?} and its pipeline"))
 }

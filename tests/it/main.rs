@@ -1,3 +1,4 @@
 //! End-to-end tests across crates.
 
 mod engine_restart;
+mod wakeups;

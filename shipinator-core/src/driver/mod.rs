@@ -29,16 +29,18 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures_core::Stream;
 use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::domain::{PipelineRun, RunId};
+use crate::domain::{ExecutionId, PipelineRun, RunId};
 use crate::executor::{
     ExecHandle, ExecutionReport, ExecutionState, Executor, ExecutorError, ReportStream,
 };
@@ -56,7 +58,9 @@ pub struct DriverConfig {
     pub owner: String,
     /// How long a run lease lasts without renewal; renewed every third of it.
     pub lease_ttl: Duration,
-    /// How often to claim runs no driver holds (orphans of a stopped driver).
+    /// How often to claim runs no driver holds (new runs created elsewhere, orphans of a
+    /// stopped driver) when no wake-up says so sooner ([`Driver::with_wakeups`]); 1 s by
+    /// default.
     pub claim_interval: Duration,
     /// How often to poll `Executor::status` for running executions (the fallback for lost
     /// reports).
@@ -74,7 +78,7 @@ impl Default for DriverConfig {
         Self {
             owner: format!("driver-{}", uuid::Uuid::new_v4()),
             lease_ttl: Duration::from_secs(30),
-            claim_interval: Duration::from_secs(5),
+            claim_interval: Duration::from_secs(1),
             poll_interval: Duration::from_secs(10),
             max_runs: 10_000,
             retry_backoff: Duration::from_millis(50),
@@ -140,6 +144,18 @@ pub struct Driver {
     store: Arc<dyn Store>,
     executor: Arc<dyn Executor>,
     config: DriverConfig,
+    wakeups: Option<WakeupSource>,
+}
+
+/// A stream whose every item tells the driver to look for work in the store now.
+type WakeupStream = Pin<Box<dyn Stream<Item = ()> + Send>>;
+
+struct WakeupSource(WakeupStream);
+
+impl std::fmt::Debug for WakeupSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WakeupSource")
+    }
 }
 
 /// A cloneable handle on a running [`Driver`].
@@ -172,7 +188,23 @@ impl Driver {
             store,
             executor,
             config,
+            wakeups: None,
         }
+    }
+
+    /// Claims runs whenever `wakeups` yields an item, on top of every
+    /// [`claim_interval`](DriverConfig::claim_interval): a store that announces new work (a
+    /// run created, a batch written from outside a driver) lets several drivers sharing it
+    /// pick work up at once. The stream ending stops the wake-ups, not the driver.
+    ///
+    /// With PostgreSQL: `driver.with_wakeups(pg.wakeups().await?.into_stream())`.
+    #[must_use]
+    pub fn with_wakeups<S>(mut self, wakeups: S) -> Self
+    where
+        S: Stream + Send + 'static,
+    {
+        self.wakeups = Some(WakeupSource(Box::pin(wakeups.map(|_| ()))));
+        self
     }
 
     /// Starts the driver's loop on the current tokio runtime. At start it claims every run no
@@ -202,12 +234,19 @@ impl Driver {
             leases: HashMap::new(),
             created: HashMap::new(),
             pending_cancels: HashSet::new(),
+            submitting: HashSet::new(),
+            held: HashMap::new(),
             reload: Vec::new(),
             claim_now: true,
             waiters: HashMap::new(),
         };
         let reports = state.executor.reports();
-        let task = tokio::spawn(state.run(reports).instrument(tracing::info_span!("driver")));
+        let wakeups = self.wakeups.map(|w| w.0);
+        let task = tokio::spawn(
+            state
+                .run(reports, wakeups)
+                .instrument(tracing::info_span!("driver")),
+        );
         DriverHandle {
             tx,
             events,
@@ -380,8 +419,14 @@ struct Loop {
     config: DriverConfig,
     clock: Clock,
     rx: mpsc::UnboundedReceiver<Msg>,
-    fx_tx: mpsc::UnboundedSender<Input>,
-    fx_rx: mpsc::UnboundedReceiver<Input>,
+    fx_tx: mpsc::UnboundedSender<Fx>,
+    fx_rx: mpsc::UnboundedReceiver<Fx>,
+    /// Executions whose submission is in flight: their status is not asked (a `NotFound`
+    /// would race the submission) and a cancel waits for the submission's answer (the
+    /// orchestrator asks again when it learns the execution started).
+    submitting: HashSet<ExecutionId>,
+    /// Reports about executions whose submission is in flight, handed over after its answer.
+    held: HashMap<ExecutionId, Vec<Input>>,
     events: broadcast::Sender<RunEvent>,
     leases: HashMap<RunId, RunLease>,
     /// Runs this driver created and has not claimed yet.
@@ -395,11 +440,20 @@ struct Loop {
     waiters: HashMap<RunId, Vec<oneshot::Sender<bool>>>,
 }
 
+/// What a side effect sends back to the loop.
+#[derive(Debug)]
+enum Fx {
+    /// A fact learned by a status check or a cancellation.
+    Input(Input),
+    /// The answer to the submission of an execution.
+    Submitted(ExecutionId, Input),
+}
+
 /// At most this many inputs are handled per tick (one store commit).
 const MAX_TICK_INPUTS: usize = 4096;
 
 impl Loop {
-    async fn run(mut self, mut reports: Option<ReportStream>) {
+    async fn run(mut self, mut reports: Option<ReportStream>, mut wakeups: Option<WakeupStream>) {
         let mut next_claim = Instant::now();
         let mut next_renew = Instant::now() + self.config.lease_ttl / 3;
         let mut next_poll = Instant::now() + self.config.poll_interval;
@@ -457,15 +511,26 @@ impl Loop {
                         }
                         Some(msg) => self.accept(msg, &mut inputs),
                     },
-                    Some(input) = self.fx_rx.recv() => inputs.push(input),
+                    Some(fx) = self.fx_rx.recv() => self.fx_input(fx, &mut inputs),
                     Some(report) = next_report(&mut reports) => {
-                        inputs.extend(report_input(report));
+                        if let Some(input) = report_input(report) {
+                            self.reported(input, &mut inputs);
+                        }
                     }
+                    () = next_wakeup(&mut wakeups) => self.claim_now = true,
                     () = tokio::time::sleep_until(wake) => {}
                 }
             }
             let stop = self.drain(&mut inputs);
-            drain_reports(&mut reports, &mut inputs);
+            let mut reported = Vec::new();
+            drain_reports(
+                &mut reports,
+                &mut reported,
+                MAX_TICK_INPUTS.saturating_sub(inputs.len()),
+            );
+            for input in reported {
+                self.reported(input, &mut inputs);
+            }
             if stop {
                 self.tick(inputs).await;
                 self.stop().await;
@@ -494,11 +559,45 @@ impl Loop {
         }
         while inputs.len() < MAX_TICK_INPUTS {
             match self.fx_rx.try_recv() {
-                Ok(input) => inputs.push(input),
+                Ok(fx) => self.fx_input(fx, inputs),
                 Err(_) => break,
             }
         }
         false
+    }
+
+    fn fx_input(&mut self, fx: Fx, inputs: &mut Vec<Input>) {
+        match fx {
+            Fx::Input(input) => inputs.push(input),
+            Fx::Submitted(id, input) => {
+                self.submitting.remove(&id);
+                inputs.push(input);
+                // Reports that overtook the answer come after it, so the execution's external
+                // id is known when its end is recorded.
+                inputs.extend(self.held.remove(&id).unwrap_or_default());
+            }
+        }
+    }
+
+    /// Takes a report from the executor (or a callback): held back while the execution's
+    /// submission is in flight, handled now otherwise.
+    fn reported(&mut self, input: Input, inputs: &mut Vec<Input>) {
+        let id = match &input {
+            Input::ExecutionStarted { execution_id, .. }
+            | Input::ExecutionFinished { execution_id, .. }
+            | Input::ExecutionLost { execution_id, .. }
+            | Input::ExecutionCanceled { execution_id } => Some(*execution_id),
+            Input::RunLoaded { .. }
+            | Input::CancelRequested { .. }
+            | Input::TimerFired
+            | Input::RunReleased { .. } => None,
+        };
+        match id {
+            Some(id) if self.submitting.contains(&id) => {
+                self.held.entry(id).or_default().push(input);
+            }
+            Some(_) | None => inputs.push(input),
+        }
     }
 
     fn accept(&mut self, msg: Msg, inputs: &mut Vec<Input>) {
@@ -514,7 +613,7 @@ impl Loop {
                     self.pending_cancels.insert(run_id);
                 }
             }
-            Msg::Input(input) => inputs.push(input),
+            Msg::Input(input) => self.reported(input, inputs),
             Msg::Wait(run_id, tx) => {
                 if self
                     .orch
@@ -523,7 +622,13 @@ impl Loop {
                 {
                     // Already ended: no `RunEnded` will come to wake the waiter.
                     let _ = tx.send(true);
-                } else if self.orch.owns(run_id) || self.created.contains_key(&run_id) {
+                } else if self.orch.owns(run_id)
+                    || self.created.contains_key(&run_id)
+                    || self.leases.contains_key(&run_id)
+                {
+                    // Owned, or about to be: created here and not claimed yet, or claimed and
+                    // not loaded yet (between a claim and the tick that loads what it
+                    // claimed, the run is neither created nor owned).
                     self.waiters.entry(run_id).or_default().push(tx);
                 } else {
                     let _ = tx.send(false);
@@ -639,7 +744,8 @@ impl Loop {
 
     /// The fallback for lost reports: asks the executor about every running execution.
     fn poll_statuses(&self) {
-        let handles = self.orch.active_executions();
+        let mut handles = self.orch.active_executions();
+        handles.retain(|h| !self.submitting.contains(&h.execution_id));
         if handles.is_empty() {
             return;
         }
@@ -648,7 +754,7 @@ impl Loop {
         tokio::spawn(async move {
             for handle in handles {
                 if let Some(input) = check(&*executor, &handle).await
-                    && fx.send(input).is_err()
+                    && fx.send(Fx::Input(input)).is_err()
                 {
                     return;
                 }
@@ -753,6 +859,9 @@ impl Loop {
             | StoreError::NotFound { .. } => {
                 tracing::warn!(run_id = %run_id, error = %error_chain(e), "run taken over; dropping it");
                 self.leases.remove(&run_id);
+                for w in self.waiters.remove(&run_id).unwrap_or_default() {
+                    let _ = w.send(false);
+                }
             }
             _ => {
                 tracing::warn!(run_id = %run_id, error = %error_chain(e), "commit failed; reloading the run");
@@ -779,6 +888,7 @@ impl Loop {
                 if failed.contains(&spec.run_id) {
                     return;
                 }
+                self.submitting.insert(spec.execution_id);
                 let executor = Arc::clone(&self.executor);
                 let fx = self.fx_tx.clone();
                 let backoff = self.config.retry_backoff;
@@ -810,31 +920,38 @@ impl Loop {
                                 }
                             }
                         };
-                        let _ = fx.send(input);
+                        let _ = fx.send(Fx::Submitted(execution_id, input));
                     }
                     .instrument(span),
                 );
             }
             Command::Cancel { run_id, handle } => {
-                if failed.contains(&run_id) {
+                if failed.contains(&run_id) || self.submitting.contains(&handle.execution_id) {
                     return;
                 }
                 let executor = Arc::clone(&self.executor);
+                let fx = self.fx_tx.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = executor.cancel(&handle).await {
+                    if let Err(e) = executor.cancel(&handle).await
+                        && !matches!(e, ExecutorError::NotFound { .. })
+                    {
                         tracing::warn!(run_id = %run_id, execution_id = %handle.execution_id, error = %error_chain(&e), "cancel failed");
+                    }
+                    // Confirm: the execution is recorded ended once the executor says so.
+                    if let Some(input) = check(&*executor, &handle).await {
+                        let _ = fx.send(Fx::Input(input));
                     }
                 });
             }
             Command::Check { run_id, handle } => {
-                if failed.contains(&run_id) {
+                if failed.contains(&run_id) || self.submitting.contains(&handle.execution_id) {
                     return;
                 }
                 let executor = Arc::clone(&self.executor);
                 let fx = self.fx_tx.clone();
                 tokio::spawn(async move {
                     if let Some(input) = check(&*executor, &handle).await {
-                        let _ = fx.send(input);
+                        let _ = fx.send(Fx::Input(input));
                     }
                 });
             }
@@ -866,8 +983,8 @@ impl Loop {
 
 /// Takes the executor reports that are ready without waiting, so that a burst of reports is
 /// handled in one tick (one store commit) rather than one tick each.
-fn drain_reports(reports: &mut Option<ReportStream>, inputs: &mut Vec<Input>) {
-    while inputs.len() < MAX_TICK_INPUTS {
+fn drain_reports(reports: &mut Option<ReportStream>, inputs: &mut Vec<Input>, max: usize) {
+    while inputs.len() < max {
         let Some(stream) = reports.as_mut() else {
             return;
         };
@@ -878,6 +995,17 @@ fn drain_reports(reports: &mut Option<ReportStream>, inputs: &mut Vec<Input>) {
             None => return,
         }
     }
+}
+
+/// The next wake-up; pending forever once the stream ended (or without one).
+async fn next_wakeup(wakeups: &mut Option<WakeupStream>) {
+    if let Some(stream) = wakeups {
+        if stream.next().await.is_some() {
+            return;
+        }
+        *wakeups = None;
+    }
+    std::future::pending().await
 }
 
 async fn next_report(reports: &mut Option<ReportStream>) -> Option<ExecutionReport> {

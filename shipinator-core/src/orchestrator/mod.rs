@@ -28,6 +28,16 @@
 //! is retried as a new attempt, up to [`OrchestratorConfig::max_attempts`]; a non-zero exit
 //! code never is. A step whose execution passes its deadline (submission time plus the step's
 //! timeout) is cancelled and failed with "timed out after …".
+//!
+//! # Two-phase cancellation
+//! Stopping an execution (a run cancel, a timeout, a failed sibling) is recorded as an intent
+//! first: the execution stays non-terminal with its `failure` set to the reason it is being
+//! stopped (see [`Execution::cancel_requested`]), its step records the decision (`canceled`, or
+//! `failed` for a timeout), and a [`Command::Cancel`] follows the commit. Only when the executor
+//! confirms (a canceled, finished or lost report or status) is the execution recorded terminal,
+//! and only once every execution of a stage is terminal do the stage and the run end. A driver
+//! that crashes between the commit and the cancel leaves the intent in the store; the next one
+//! sends the cancel again when it loads the run, so no execution outlives its run.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -49,7 +59,7 @@ pub mod stages;
 
 pub use plan::{
     DEPLOY_STEP, InheritedArtifact, PlanError, RunContext, RunDocument, RunRequest, branch_matches,
-    new_run, new_run_with_document, plan_stages, retry_run,
+    new_run, new_run_with_document, plan_stages, retry_run, run_artifacts,
 };
 pub use stages::{Buildinator, Deployinator, StageError, StepRequest, Testinator};
 
@@ -185,6 +195,20 @@ struct ExecState {
     deadline: Option<Timestamp>,
 }
 
+impl ExecState {
+    /// Whether it was asked to stop and waits for the executor's confirmation.
+    fn canceling(&self) -> bool {
+        !self.status.is_terminal() && self.failure.is_some()
+    }
+
+    fn handle(&self) -> ExecHandle {
+        ExecHandle {
+            execution_id: self.id,
+            external_id: self.external_id.clone(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct StepState {
     id: StepId,
@@ -207,6 +231,8 @@ struct JobState {
     started_at: Option<Timestamp>,
     finished_at: Option<Timestamp>,
     steps: Vec<StepState>,
+    /// The status the job ends with once its last execution is confirmed ended.
+    ending: Option<JobStatus>,
 }
 
 #[derive(Debug)]
@@ -221,6 +247,9 @@ struct RunState {
     jobs: Vec<JobState>,
     /// Artifacts available to later stages, with the stage that produced them.
     artifacts: Vec<(JobType, InputArtifact)>,
+    /// The status the run ends with once every execution is confirmed ended (failing or
+    /// canceling); nothing new is scheduled meanwhile.
+    ending: Option<RunStatus>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -544,87 +573,91 @@ impl Orchestrator {
     fn load(&mut self, record: RunRecord, document: Option<Arc<RunDocument>>, tx: &mut Tx) {
         let run_id = record.run.id;
         self.forget(run_id);
-        match build_state(&self.config, record, document) {
-            Ok(mut state) => {
-                if state.status.is_terminal() {
-                    tx.effects.push(Command::RunEnded {
+        let (mut state, broken) = match build_state(&self.config, record, document) {
+            Ok(state) => (state, None),
+            Err(failed) => {
+                let (state, reason) = *failed;
+                (state, Some(reason))
+            }
+        };
+        if state.status.is_terminal() {
+            tx.effects.push(Command::RunEnded {
+                run_id,
+                status: state.status,
+            });
+            return;
+        }
+        // Reconcile: ask again to stop what was being stopped, resubmit what may never have
+        // been submitted, check the rest.
+        for (ji, job) in state.jobs.iter().enumerate() {
+            for (si, step) in job.steps.iter().enumerate() {
+                let Some(e) = &step.exec else { continue };
+                if e.status.is_terminal() {
+                    continue;
+                }
+                self.index.execs.insert(
+                    e.id,
+                    Loc {
+                        run: run_id,
+                        job: ji,
+                        step: si,
+                    },
+                );
+                if e.canceling() {
+                    tx.effects.push(Command::Cancel {
                         run_id,
-                        status: state.status,
+                        handle: e.handle(),
                     });
-                    return;
+                    continue;
                 }
-                // Reconcile: resubmit what may never have been submitted, check the rest.
-                for (ji, job) in state.jobs.iter().enumerate() {
-                    for (si, step) in job.steps.iter().enumerate() {
-                        let Some(e) = &step.exec else { continue };
-                        if e.status.is_terminal() {
-                            continue;
-                        }
-                        self.index.execs.insert(
-                            e.id,
-                            Loc {
-                                run: run_id,
-                                job: ji,
-                                step: si,
-                            },
-                        );
-                        if let Some(d) = e.deadline {
-                            self.index.deadlines.insert((d, e.id));
-                        }
-                        if e.status == Status::Pending {
-                            let inputs = inputs_for(&state, job.stage);
-                            if let Ok(spec) = build_spec(
-                                &self.config,
-                                &state,
-                                job.stage,
-                                step.index,
-                                e.attempt,
-                                &inputs,
-                            ) {
-                                tx.effects.push(Command::Submit(Box::new(spec)));
-                            }
-                        } else {
-                            tx.effects.push(Command::Check {
-                                run_id,
-                                handle: ExecHandle {
-                                    execution_id: e.id,
-                                    external_id: e.external_id.clone(),
-                                },
-                            });
-                        }
+                if let Some(d) = e.deadline {
+                    self.index.deadlines.insert((d, e.id));
+                }
+                if broken.is_some() {
+                    // Asked to stop below.
+                } else if e.status == Status::Pending {
+                    let inputs = inputs_for(&state, job.stage);
+                    if let Ok(spec) = build_spec(
+                        &self.config,
+                        &state,
+                        job.stage,
+                        step.index,
+                        e.attempt,
+                        &inputs,
+                    ) {
+                        tx.effects.push(Command::Submit(Box::new(spec)));
                     }
-                }
-                advance(&self.config, &mut self.index, &mut state, tx);
-                if !state.status.is_terminal() {
-                    self.runs.insert(run_id, state);
+                } else {
+                    tx.effects.push(Command::Check {
+                        run_id,
+                        handle: e.handle(),
+                    });
                 }
             }
-            Err(failed) => {
-                let (mut run, reason) = *failed;
+        }
+        match broken {
+            None => advance(&self.config, &mut self.index, &mut state, tx),
+            Some(reason) => {
                 tracing::warn!(run_id = %run_id, %reason, "cannot rebuild run; failing it");
-                if run.status.is_terminal() {
-                    tx.effects.push(Command::RunEnded {
-                        run_id,
-                        status: run.status,
-                    });
-                    return;
-                }
                 // Stop what runs, skip what never started, fail the run.
-                let ji = run
-                    .jobs
-                    .iter()
-                    .position(|j| !j.status.is_terminal())
-                    .unwrap_or(0);
-                if run.jobs.is_empty() {
-                    set_run_status(&mut run, RunStatus::Failed, tx);
+                if state.jobs.is_empty() {
+                    set_run_status(&mut state, RunStatus::Failed, tx);
                     tx.effects.push(Command::RunEnded {
                         run_id,
                         status: RunStatus::Failed,
                     });
                 } else {
-                    fail_job(&mut self.index, &mut run, ji, tx);
+                    let ji = state
+                        .jobs
+                        .iter()
+                        .position(|j| !j.status.is_terminal())
+                        .unwrap_or(0);
+                    fail_job(&mut self.index, &mut state, ji, tx);
                 }
             }
+        }
+        if !state.status.is_terminal() {
+            self.runs.insert(run_id, state);
         }
     }
 }
@@ -673,6 +706,7 @@ fn build_state(
         doc: Arc::clone(&run_doc),
         jobs: Vec::new(),
         artifacts: Vec::new(),
+        ending: None,
     };
     let mut problem = None;
     let mut stage_of_job = HashMap::new();
@@ -740,9 +774,11 @@ fn build_state(
             status: job.status,
             started_at: job.started_at,
             finished_at: job.finished_at,
+            ending: ending_of(job.status, &steps),
             steps,
         });
     }
+    state.ending = run_ending(&mut state);
     let doc = match doc {
         Ok(doc) => doc,
         Err(e) => return Err(Box::new((state, e.to_string()))),
@@ -761,6 +797,55 @@ fn build_state(
         }))
         .collect();
     Ok(state)
+}
+
+/// The status a stage that has not ended ends with, as its steps' rows record the decision: a
+/// failed step fails it, a cancelled one cancels it; `None` while none of its steps ended
+/// otherwise than succeeding.
+fn ending_of(status: JobStatus, steps: &[StepState]) -> Option<JobStatus> {
+    if status.is_terminal() {
+        None
+    } else if steps.iter().any(|s| s.status == StepStatus::Failed) {
+        Some(JobStatus::Failed)
+    } else if steps
+        .iter()
+        .any(|s| matches!(s.status, StepStatus::Canceled | StepStatus::Skipped))
+    {
+        Some(JobStatus::Canceled)
+    } else {
+        None
+    }
+}
+
+/// The status a run that has not ended ends with, from its first stage that ended (or is
+/// ending) otherwise than succeeding; stages after it that did not start end with it.
+fn run_ending(run: &mut RunState) -> Option<RunStatus> {
+    if run.status.is_terminal() {
+        return None;
+    }
+    let first = run.jobs.iter().position(|j| {
+        j.ending.is_some() || (j.status.is_terminal() && j.status != JobStatus::Succeeded)
+    })?;
+    let end = match run.jobs[first].ending.unwrap_or(run.jobs[first].status) {
+        JobStatus::Canceled => RunStatus::Canceled,
+        JobStatus::Pending
+        | JobStatus::Running
+        | JobStatus::Succeeded
+        | JobStatus::Failed
+        | JobStatus::Skipped => RunStatus::Failed,
+    };
+    for job in run.jobs.iter_mut().skip(first + 1) {
+        if !job.status.is_terminal() && job.ending.is_none() {
+            job.ending = Some(match end {
+                RunStatus::Canceled => JobStatus::Canceled,
+                RunStatus::Pending
+                | RunStatus::Running
+                | RunStatus::Success
+                | RunStatus::Failed => JobStatus::Skipped,
+            });
+        }
+    }
+    Some(end)
 }
 
 fn step_timeout(
@@ -969,16 +1054,100 @@ fn clear_deadline(idx: &mut Index, exec: &ExecState) {
     }
 }
 
-/// Cancels an active execution: records it cancelled and asks the executor to stop it.
-fn cancel_exec(idx: &mut Index, exec: &mut ExecState, tx: &mut Tx) {
-    if exec_event(exec, WorkEvent::Cancel, None, None, tx) {
-        clear_deadline(idx, exec);
-        tx.effects.push(Command::Cancel {
-            run_id: tx.run_id,
-            handle: ExecHandle {
-                execution_id: exec.id,
-                external_id: exec.external_id.clone(),
-            },
+/// Asks to stop an active execution (the first phase of a cancellation): records the intent
+/// (the execution stays non-terminal, its `failure` says why) and asks the executor to stop it.
+/// The execution is recorded ended by [`confirm`] when the executor says it stopped.
+fn request_cancel(idx: &mut Index, exec: &mut ExecState, reason: String, tx: &mut Tx) {
+    if exec.status.is_terminal() || exec.canceling() {
+        return;
+    }
+    clear_deadline(idx, exec);
+    exec.failure = Some(reason);
+    write_exec(exec, tx);
+    tx.effects.push(Command::Cancel {
+        run_id: tx.run_id,
+        handle: exec.handle(),
+    });
+}
+
+/// The second phase of a cancellation: the executor says the execution at `loc` stopped (it
+/// was cancelled, finished or lost). Records it ended as its step was decided (`failed` for a
+/// timeout, `canceled` otherwise) and ends its stage and the run when nothing runs any more.
+fn confirm(idx: &mut Index, run: &mut RunState, loc: Loc, exit_code: Option<i32>, tx: &mut Tx) {
+    let Some(step) = run
+        .jobs
+        .get_mut(loc.job)
+        .and_then(|j| j.steps.get_mut(loc.step))
+    else {
+        return;
+    };
+    if !step.status.is_terminal() {
+        step_event(step, WorkEvent::Cancel, tx);
+    }
+    let event = match step.status {
+        StepStatus::Failed => WorkEvent::Fail,
+        StepStatus::Pending
+        | StepStatus::Running
+        | StepStatus::Succeeded
+        | StepStatus::Canceled
+        | StepStatus::Skipped => WorkEvent::Cancel,
+    };
+    let Some(exec) = step.exec.as_mut() else {
+        return;
+    };
+    let failure = exec.failure.clone();
+    exec_event(exec, event, exit_code, failure, tx);
+    clear_deadline(idx, exec);
+    if run.ending.is_none() {
+        // A stopped execution in a run that is not ending (rows written by an older
+        // version): end the run the way its stage ends.
+        fail_job(idx, run, loc.job, tx);
+        return;
+    }
+    settle_ending(run, tx);
+}
+
+/// Ends the stages, then the run, of an ending run once none of their executions is active.
+fn settle_ending(run: &mut RunState, tx: &mut Tx) {
+    let Some(end) = run.ending else { return };
+    let mut all_ended = true;
+    for job in &mut run.jobs {
+        if job.status.is_terminal() {
+            continue;
+        }
+        let active = job
+            .steps
+            .iter()
+            .any(|s| s.exec.as_ref().is_some_and(|e| !e.status.is_terminal()));
+        match job.ending {
+            Some(target) if !active => {
+                let event = match target {
+                    Status::Failed => WorkEvent::Fail,
+                    Status::Skipped => WorkEvent::Skip,
+                    Status::Pending | Status::Running | Status::Succeeded | Status::Canceled => {
+                        WorkEvent::Cancel
+                    }
+                };
+                if job.status == JobStatus::Pending && event == WorkEvent::Fail {
+                    job_event(job, WorkEvent::Start, tx);
+                }
+                job_event(job, event, tx);
+            }
+            Some(_) | None => all_ended = false,
+        }
+        all_ended &= job.status.is_terminal();
+    }
+    if all_ended {
+        let event = match end {
+            RunStatus::Canceled => RunFsmEvent::Cancel,
+            RunStatus::Pending | RunStatus::Running | RunStatus::Success | RunStatus::Failed => {
+                RunFsmEvent::Fail
+            }
+        };
+        run_event(run, event, tx);
+        tx.effects.push(Command::RunEnded {
+            run_id: run.id,
+            status: run.status,
         });
     }
 }
@@ -987,6 +1156,10 @@ fn cancel_exec(idx: &mut Index, exec: &mut ExecState, tx: &mut Tx) {
 
 /// Moves the run forward as far as it can go without new facts.
 fn advance(config: &OrchestratorConfig, idx: &mut Index, run: &mut RunState, tx: &mut Tx) {
+    if run.ending.is_some() {
+        settle_ending(run, tx);
+        return;
+    }
     while !run.status.is_terminal() {
         let Some(ji) = run
             .jobs
@@ -1026,7 +1199,7 @@ fn advance(config: &OrchestratorConfig, idx: &mut Index, run: &mut RunState, tx:
                     .map(|(i, _)| i)
                     .collect();
                 for si in pending {
-                    if run.status.is_terminal() {
+                    if run.status.is_terminal() || run.ending.is_some() {
                         break;
                     }
                     start_attempt(config, idx, run, ji, si, 1, tx);
@@ -1151,6 +1324,23 @@ fn started(
         }
         Some(_) | None => false,
     };
+    if exec.canceling() {
+        // Asked to stop, and the executor has it: a cancel sent before the executor knew the
+        // execution (or its id) is sent again now.
+        let first = exec.status == Status::Pending;
+        if first {
+            exec_event(exec, WorkEvent::Start, None, None, tx);
+        } else if learned {
+            write_exec(exec, tx);
+        }
+        if first || learned {
+            tx.effects.push(Command::Cancel {
+                run_id: tx.run_id,
+                handle: exec.handle(),
+            });
+        }
+        return;
+    }
     match exec.status {
         Status::Pending => {
             // `exec_event` writes the (possibly new) external id with the status.
@@ -1161,21 +1351,21 @@ fn started(
                 write_exec(exec, tx);
             }
         }
-        Status::Canceled | Status::Failed => {
-            // Cancelled (or timed out) before the executor told us its id: record the id and
-            // cancel again with the real handle.
+        Status::Succeeded | Status::Failed | Status::Canceled | Status::Skipped => {
+            // Its end was reported before the answer to its submission (an executor that
+            // finishes at once): record the id all the same. One recorded ended without
+            // running to completion (lost) is cancelled with the real handle, in case the
+            // executor still has it.
             if learned {
                 write_exec(exec, tx);
-                tx.effects.push(Command::Cancel {
-                    run_id: tx.run_id,
-                    handle: ExecHandle {
-                        execution_id,
-                        external_id: exec.external_id.clone(),
-                    },
-                });
+                if exec.exit_code.is_none() && exec.status != Status::Succeeded {
+                    tx.effects.push(Command::Cancel {
+                        run_id: tx.run_id,
+                        handle: exec.handle(),
+                    });
+                }
             }
         }
-        Status::Succeeded | Status::Skipped => {}
     }
 }
 
@@ -1190,6 +1380,7 @@ fn finished(
 ) {
     let stage = run.jobs.get(loc.job).map(|j| (j.id, j.stage));
     let Some((job_id, stage)) = stage else { return };
+    let ending = run.ending.is_some();
     let Some(step) = current(run, loc, execution_id) else {
         return;
     };
@@ -1198,6 +1389,10 @@ fn finished(
         return;
     };
     if exec.status.is_terminal() {
+        return;
+    }
+    if exec.canceling() || ending {
+        confirm(idx, run, loc, Some(result.exit_code), tx);
         return;
     }
     clear_deadline(idx, exec);
@@ -1239,6 +1434,7 @@ fn lost(
     reason: String,
     tx: &mut Tx,
 ) {
+    let ending = run.ending.is_some();
     let Some(step) = current(run, loc, execution_id) else {
         return;
     };
@@ -1246,6 +1442,10 @@ fn lost(
         return;
     };
     if exec.status.is_terminal() {
+        return;
+    }
+    if exec.canceling() || ending {
+        confirm(idx, run, loc, None, tx);
         return;
     }
     clear_deadline(idx, exec);
@@ -1273,37 +1473,54 @@ fn timed_out(
     let Some(exec) = step.exec.as_mut() else {
         return;
     };
-    if exec.status.is_terminal() {
+    if exec.status.is_terminal() || exec.canceling() {
         return;
     }
     let limit = exec.timeout.unwrap_or_default();
     let failure = format!("timed out after {}", fmt_duration(limit));
-    exec_event(exec, WorkEvent::Fail, None, Some(failure), tx);
-    clear_deadline(idx, exec);
-    tx.effects.push(Command::Cancel {
-        run_id: tx.run_id,
-        handle: ExecHandle {
-            execution_id,
-            external_id: exec.external_id.clone(),
-        },
-    });
+    request_cancel(idx, exec, failure, tx);
     step_event(step, WorkEvent::Fail, tx);
     fail_job(idx, run, loc.job, tx);
 }
 
-/// Fails job `ji` and the run: running siblings are cancelled, steps and later stages that
-/// never started are skipped.
+/// Fails job `ji` and the run: running siblings are asked to stop, steps and later stages that
+/// never started are skipped; the stage and the run end once every execution stopped.
 fn fail_job(idx: &mut Index, run: &mut RunState, ji: usize, tx: &mut Tx) {
+    let end = match run.jobs.get(ji).map(|j| j.status) {
+        Some(JobStatus::Canceled) => RunStatus::Canceled,
+        Some(_) | None => RunStatus::Failed,
+    };
+    stop_run(idx, run, ji, end, tx);
+}
+
+/// Cancels a run: every active execution is asked to stop, every step and stage that did not
+/// end is cancelled; the run ends once every execution stopped.
+fn cancel_run(idx: &mut Index, run: &mut RunState, tx: &mut Tx) {
+    stop_run(idx, run, 0, RunStatus::Canceled, tx);
+}
+
+/// The first phase of ending a run as `end` from job `from` on (see the module docs): records
+/// the decision for every step and stage that did not end and asks every active execution to
+/// stop. A run that is already ending keeps the status it ends with.
+fn stop_run(idx: &mut Index, run: &mut RunState, from: usize, end: RunStatus, tx: &mut Tx) {
+    if run.status.is_terminal() {
+        return;
+    }
+    let end = *run.ending.get_or_insert(end);
+    let reason = match end {
+        RunStatus::Canceled => "canceled on request",
+        RunStatus::Pending | RunStatus::Running | RunStatus::Success | RunStatus::Failed => {
+            "canceled: the run failed"
+        }
+    };
     for (i, job) in run.jobs.iter_mut().enumerate() {
-        if i < ji {
+        if i < from || job.status.is_terminal() {
             continue;
         }
         for step in &mut job.steps {
             match step.status {
-                StepStatus::Running => {
-                    if let Some(exec) = step.exec.as_mut() {
-                        cancel_exec(idx, exec, tx);
-                    }
+                StepStatus::Running => step_event(step, WorkEvent::Cancel, tx),
+                StepStatus::Pending if end == RunStatus::Canceled => {
                     step_event(step, WorkEvent::Cancel, tx);
                 }
                 StepStatus::Pending => step_event(step, WorkEvent::Skip, tx),
@@ -1312,54 +1529,15 @@ fn fail_job(idx: &mut Index, run: &mut RunState, ji: usize, tx: &mut Tx) {
                 | StepStatus::Canceled
                 | StepStatus::Skipped => {}
             }
-        }
-        if i == ji {
-            match job.status {
-                JobStatus::Pending => {
-                    job_event(job, WorkEvent::Start, tx);
-                    job_event(job, WorkEvent::Fail, tx);
-                }
-                JobStatus::Running => job_event(job, WorkEvent::Fail, tx),
-                JobStatus::Succeeded
-                | JobStatus::Failed
-                | JobStatus::Canceled
-                | JobStatus::Skipped => {}
+            if let Some(exec) = step.exec.as_mut() {
+                request_cancel(idx, exec, reason.to_owned(), tx);
             }
-        } else {
-            job_event(job, WorkEvent::Skip, tx);
         }
+        job.ending.get_or_insert(match (end, i == from) {
+            (RunStatus::Canceled, _) => JobStatus::Canceled,
+            (_, true) => JobStatus::Failed,
+            (_, false) => JobStatus::Skipped,
+        });
     }
-    let end = match run.jobs.get(ji).map(|j| j.status) {
-        Some(JobStatus::Canceled) => RunFsmEvent::Cancel,
-        Some(_) | None => RunFsmEvent::Fail,
-    };
-    run_event(run, end, tx);
-    tx.effects.push(Command::RunEnded {
-        run_id: run.id,
-        status: run.status,
-    });
-}
-
-/// Cancels a run: every active execution is cancelled, every step and stage that did not end
-/// is cancelled.
-fn cancel_run(idx: &mut Index, run: &mut RunState, tx: &mut Tx) {
-    if run.status.is_terminal() {
-        return;
-    }
-    for job in &mut run.jobs {
-        for step in &mut job.steps {
-            if step.status == StepStatus::Running
-                && let Some(exec) = step.exec.as_mut()
-            {
-                cancel_exec(idx, exec, tx);
-            }
-            step_event(step, WorkEvent::Cancel, tx);
-        }
-        job_event(job, WorkEvent::Cancel, tx);
-    }
-    run_event(run, RunFsmEvent::Cancel, tx);
-    tx.effects.push(Command::RunEnded {
-        run_id: run.id,
-        status: run.status,
-    });
+    settle_ending(run, tx);
 }

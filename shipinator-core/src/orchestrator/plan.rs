@@ -392,6 +392,28 @@ pub fn new_run_with_document(
     Ok((new, doc))
 }
 
+/// Every artifact a run can use, oldest first: those a retry inherited from the run it
+/// retries (reused by id: registered under the original run, so not in
+/// [`RunRecord::artifacts`], which lists only what the run's own jobs produced), then its own.
+/// For listing a run's artifacts (`runs show`, an API); an unreadable run document yields
+/// only the run's own.
+pub fn run_artifacts(record: &RunRecord) -> Vec<Artifact> {
+    let mut out: Vec<Artifact> = match RunDocument::from_run(&record.run) {
+        Ok(doc) => doc
+            .inherited_artifacts
+            .into_iter()
+            .map(|a| a.artifact)
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    for a in &record.artifacts {
+        if !out.iter().any(|known| known.id == a.id) {
+            out.push(a.clone());
+        }
+    }
+    out
+}
+
 /// A new run `id` that retries `original` (failed or cancelled) from its first stage that did
 /// not succeed, with the same stored spec and requested stages.
 ///

@@ -164,10 +164,7 @@ fn run_case(case: &Case) -> Result<(), TestCaseError> {
                 Chaos::LoseARunningExecution(k) => {
                     let active = sim.orch.active_executions();
                     if let Some(h) = active.get(k % active.len().max(1)) {
-                        sim.input(Input::ExecutionLost {
-                            execution_id: h.execution_id,
-                            reason: "node lost".to_owned(),
-                        });
+                        sim.lose(h.execution_id);
                     }
                 }
             }

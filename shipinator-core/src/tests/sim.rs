@@ -801,6 +801,25 @@ impl Sim {
         );
     }
 
+    /// The executor loses `execution_id` (a node dies): it stops running it and reports it
+    /// lost. An execution the executor does not run (its submission is still queued, or it
+    /// ended) cannot be lost.
+    pub(super) fn lose(&mut self, execution_id: ExecutionId) {
+        let Some(e) = self.execs.get_mut(&execution_id) else {
+            return;
+        };
+        if e.phase != ExecPhase::Running {
+            return;
+        }
+        let lost = Input::ExecutionLost {
+            execution_id,
+            reason: "node lost".to_owned(),
+        };
+        e.phase = ExecPhase::Done;
+        e.result = Some(lost.clone());
+        self.report(Duration::ZERO, lost);
+    }
+
     /// Runs to idle and checks the invariants that hold at rest.
     pub(super) fn settle(&mut self) {
         self.drive();
@@ -1112,6 +1131,94 @@ fn cancel_reaches_every_active_execution_and_late_reports_change_nothing() {
 }
 
 #[test]
+fn a_crash_between_the_timeout_commit_and_its_cancel_cancels_after_restore() {
+    let mut spec = full_spec();
+    spec.build.as_mut().unwrap().steps[0].timeout = Some(Duration::from_secs(10));
+    let mut sim = sim();
+    sim.script("go-build", 1, Outcome::Hang);
+    let run = sim.create(&request(spec, Trigger::Pr, "feature/x"));
+    // Run until the timeout's commands are queued: its persist, then the cancel.
+    while !sim
+        .queue
+        .iter()
+        .any(|c| matches!(c, Command::Cancel { .. }))
+    {
+        assert!(sim.step(), "the timeout never fired");
+    }
+    let persist = sim.queue.pop_front().unwrap();
+    assert!(matches!(persist, Command::Persist { .. }));
+    sim.execute(persist);
+    // The intent is recorded; the execution has not ended and the run has not either.
+    let exec = sim.record(run).executions[0].clone();
+    assert!(exec.cancel_requested(), "{exec:?}");
+    assert_eq!(exec.status, Status::Running);
+    assert_eq!(exec.failure.as_deref(), Some("timed out after 10s"));
+    assert_eq!(sim.run_status(run).0, RunStatus::Running);
+    assert_eq!(
+        sim.steps(run)[0],
+        "go-build=failed@1",
+        "the step records the decision"
+    );
+    // Crash before the cancel reaches the executor.
+    sim.crash_and_restore();
+    sim.settle();
+    sim.assert_clean();
+    assert_eq!(sim.cancels.len(), 1, "the restored orchestrator cancels");
+    assert_eq!(sim.cancels[0].external_id, "sim-1");
+    assert_eq!(sim.run_status(run), (RunStatus::Failed, RunPhase::Building));
+    let exec = &sim.record(run).executions[0];
+    assert_eq!(exec.status, Status::Failed);
+    assert_eq!(exec.failure.as_deref(), Some("timed out after 10s"));
+    assert_eq!(
+        sim.jobs(run),
+        ["build=failed", "test=skipped"],
+        "the stages end once the execution stopped"
+    );
+}
+
+#[test]
+fn a_cancelled_run_ends_only_when_the_executor_confirms() {
+    let mut sim = sim();
+    sim.script("go-build", 1, Outcome::Hang);
+    let run = sim.create(&request(full_spec(), Trigger::Pr, "feature/x"));
+    while !sim.queue.is_empty() || sim.record(run).executions[0].status != Status::Running {
+        assert!(sim.step());
+    }
+    sim.input(Input::CancelRequested { run_id: run });
+    // Commit the intent, drop the cancel (as if the executor never got it), crash.
+    let persist = sim.queue.pop_front().unwrap();
+    sim.execute(persist);
+    assert!(matches!(sim.queue.front(), Some(Command::Cancel { .. })));
+    let exec = sim.record(run).executions[0].clone();
+    assert!(exec.cancel_requested());
+    assert_eq!(sim.run_status(run).0, RunStatus::Running);
+    sim.crash_and_restore();
+    // The restored orchestrator asks again before anything else.
+    assert!(
+        sim.queue
+            .iter()
+            .any(|c| matches!(c, Command::Cancel { handle, .. } if handle.execution_id == exec.id)),
+        "{:?}",
+        sim.queue
+    );
+    sim.settle();
+    sim.assert_clean();
+    assert_eq!(sim.run_status(run).0, RunStatus::Canceled);
+    let exec = &sim.record(run).executions[0];
+    assert_eq!(exec.status, Status::Canceled);
+    assert!(!exec.cancel_requested());
+    assert_eq!(
+        sim.steps(run),
+        [
+            "go-build=canceled@1",
+            "chart=canceled@0",
+            "unit=canceled@0",
+            "lint=canceled@0"
+        ]
+    );
+}
+
+#[test]
 fn cancel_during_submit_cancels_again_once_the_handle_is_known() {
     let mut sim = sim();
     let run = sim.create(&request(full_spec(), Trigger::Pr, "feature/x"));
@@ -1409,6 +1516,14 @@ fn retry_from_the_failed_stage_reuses_earlier_artifacts_by_id() {
     let unit = &sim.submits[submits_before].1;
     let inputs: Vec<_> = unit.inputs.iter().map(|i| i.id).collect();
     assert_eq!(inputs, built);
+    // Listing the retry's artifacts shows the inherited ones (same ids), then its own.
+    let own: Vec<ArtifactId> = sim.record(retry).artifacts.iter().map(|a| a.id).collect();
+    assert!(own.iter().all(|id| !built.contains(id)), "own rows only");
+    let listed: Vec<ArtifactId> = crate::orchestrator::run_artifacts(sim.record(retry))
+        .iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(listed, [built.clone(), own].concat());
     // Only succeeded or cancelled runs... a successful run cannot be retried.
     assert!(retry_run(sim.record(retry), RunId::new_v7(), sim.now, "t").is_err());
 }
@@ -1616,6 +1731,28 @@ mod driver {
             }
         }
         assert!(saw_terminal, "subscribers see the run end");
+        driver.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_execution_that_ends_before_its_submission_returns_keeps_its_external_id() {
+        let store = seeded(InMemoryStore::new()).await;
+        // Zero-duration steps end inside `submit`: the report overtakes the handle.
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        let driver = spawn(&store, Arc::new(executor.clone()), "a");
+        let run = driver
+            .submit_run(request(full_spec(), Trigger::Push, "main"))
+            .await
+            .unwrap();
+        let done = driver.wait_for_run(run).await.unwrap();
+        assert_eq!(done.status, RunStatus::Success);
+        let record = store.load_run(run).await.unwrap();
+        assert_eq!(record.executions.len(), 5);
+        for e in &record.executions {
+            assert_eq!(e.status, Status::Succeeded);
+            assert_eq!(e.external_id, format!("mock-{}", e.id), "{e:?}");
+        }
         driver.shutdown().await.unwrap();
     }
 

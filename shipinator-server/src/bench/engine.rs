@@ -57,6 +57,7 @@ pub(crate) async fn run(args: &EngineArgs) -> anyhow::Result<serde_json::Value> 
         config::parse("bench.shipinator.yaml", PIPELINE)
             .map_err(|e| anyhow::anyhow!("the benchmark pipeline is invalid: {e}"))?,
     );
+    let mut wakeups = None;
     let inner: Arc<dyn Store> = match args.store.store {
         BenchStore::Memory => Arc::new(InMemoryStore::new()),
         BenchStore::Sqlite => {
@@ -78,11 +79,15 @@ pub(crate) async fn run(args: &EngineArgs) -> anyhow::Result<serde_json::Value> 
                 .as_deref()
                 .context("--store postgres needs --database URL")?;
             let options = shipinator_postgres::PgStoreOptions::default().max_connections(8);
-            Arc::new(
-                shipinator_postgres::PgStore::connect_with(url, options)
+            let pg = shipinator_postgres::PgStore::connect_with(url, options)
+                .await
+                .context("connecting to PostgreSQL")?;
+            wakeups = Some(
+                pg.wakeups()
                     .await
-                    .context("connecting to PostgreSQL")?,
-            )
+                    .context("listening for PostgreSQL wake-ups")?,
+            );
+            Arc::new(pg)
         }
     };
     let pipeline_id = seed(&*inner).await?;
@@ -93,12 +98,15 @@ pub(crate) async fn run(args: &EngineArgs) -> anyhow::Result<serde_json::Value> 
         poll_interval: Duration::from_secs(60),
         ..DriverConfig::default()
     };
-    let handle = Driver::new(
+    let mut driver = Driver::new(
         Arc::clone(&store) as Arc<dyn Store>,
         Arc::new(executor),
         config,
-    )
-    .spawn();
+    );
+    if let Some(wakeups) = wakeups {
+        driver = driver.with_wakeups(wakeups.into_stream());
+    }
+    let handle = driver.spawn();
 
     let baseline_rss = rss::current_rss_bytes();
     let sampler = rss::PeakSampler::start(Duration::from_millis(5));

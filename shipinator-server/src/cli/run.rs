@@ -14,7 +14,7 @@ use shipinator_core::config::{self, LoadError};
 use shipinator_core::domain::{JobType, RunId, RunStatus, Status, StepId, Trigger};
 use shipinator_core::driver::{Driver, DriverConfig, DriverHandle};
 use shipinator_core::executor::SourceSpec;
-use shipinator_core::orchestrator::{RunRequest, plan_stages};
+use shipinator_core::orchestrator::{RunRequest, plan_stages, run_artifacts};
 use shipinator_core::store::{PageRequest, RunEventKind, RunFilter, RunRecord};
 use shipinator_local::worker::{BaseEnv, export_subtree};
 use shipinator_local::{DataDir, RunControl};
@@ -517,7 +517,7 @@ pub(crate) fn record_json(record: &RunRecord) -> serde_json::Value {
         "jobs": record.jobs,
         "steps": record.steps,
         "executions": record.executions,
-        "artifacts": record.artifacts,
+        "artifacts": run_artifacts(record),
     })
 }
 
@@ -546,9 +546,10 @@ pub(crate) fn print_summary(record: &RunRecord) {
     }
     println!();
     println!("{steps}");
-    if !record.artifacts.is_empty() {
-        let mut artifacts = table(["ARTIFACT", "TYPE", "SIZE", "SHA256"]);
-        for a in &record.artifacts {
+    let artifacts = run_artifacts(record);
+    if !artifacts.is_empty() {
+        let mut artifacts_table = table(["ARTIFACT", "TYPE", "SIZE", "SHA256"]);
+        for a in &artifacts {
             let name = a
                 .path
                 .clone()
@@ -559,14 +560,14 @@ pub(crate) fn print_summary(record: &RunRecord) {
                 .as_deref()
                 .unwrap_or("-")
                 .trim_start_matches("sha256:");
-            artifacts.add_row(vec![
+            artifacts_table.add_row(vec![
                 Cell::new(name),
                 Cell::new(a.artifact_type.as_str()),
                 Cell::new(a.size).set_alignment(CellAlignment::Right),
                 Cell::new(sum),
             ]);
         }
-        println!("{artifacts}");
+        println!("{artifacts_table}");
     }
     let run = &record.run;
     let took = match (run.started_at, run.finished_at) {
