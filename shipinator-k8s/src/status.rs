@@ -150,21 +150,10 @@ pub(crate) fn observe(id: ExecutionId, job: &Job, pods: Option<&[Pod]>) -> Obser
     {
         // The worker reported; its termination message says what, so this report and the
         // callback agree whichever reaches the engine first.
-        let Some(pods) = pods else {
-            return Observed::NeedPods;
-        };
-        if let Some(state) = reported(pods) {
+        if let Some(state) = pods.and_then(reported) {
             return Observed::State(state);
         }
-        // The worker exits 0 only after its report was delivered, so the callback normally
-        // got there first. Without a readable report this poll cannot know whether the step
-        // succeeded or which artifacts it made: recording success would be a guess, so the
-        // attempt counts as lost (an infrastructure failure the engine retries).
-        return Observed::State(ExecutionState::Lost {
-            reason: format!(
-                "job of execution {id} completed but its worker's report is not readable from the pod"
-            ),
-        });
+        return Observed::State(finished(id, 0, None));
     }
     if let Some(failed) = condition(job, "Failed") {
         let reason = failed.reason.as_deref().unwrap_or("");
