@@ -32,8 +32,8 @@ pub const LOST_ON_RESTART: &str = "engine restarted while the step was running";
 ///
 /// - `submit` is idempotent per execution id.
 /// - While the command runs, `<data>/executions/<id>.pid` holds its pid and start time; when the
-///   execution ends its terminal state is written to `<data>/executions/<id>.json` and the
-///   pidfile removed.
+///   execution ends that file is overwritten with its terminal state and renamed to
+///   `<data>/executions/<id>.json` (unless a state is recorded there already).
 /// - After an engine restart, `status` answers from those files: a recorded state as recorded;
 ///   a pidfile whose process still runs (same pid *and* start time) gets its group stopped and
 ///   is reported `Lost` (see [`LOST_ON_RESTART`]); a pidfile whose pid is gone or was recycled
