@@ -1,7 +1,7 @@
 //! [`LocalExecutor`]: runs executions as local processes through the worker runtime.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -32,8 +32,8 @@ pub const LOST_ON_RESTART: &str = "engine restarted while the step was running";
 ///
 /// - `submit` is idempotent per execution id.
 /// - While the command runs, `<data>/executions/<id>.pid` holds its pid and start time; when the
-///   execution ends its terminal state is written to `<data>/executions/<id>.json` and the
-///   pidfile removed.
+///   execution ends that file is overwritten with its terminal state and renamed to
+///   `<data>/executions/<id>.json` (unless a state is recorded there already).
 /// - After an engine restart, `status` answers from those files: a recorded state as recorded;
 ///   a pidfile whose process still runs (same pid *and* start time) gets its group stopped and
 ///   is reported `Lost` (see [`LOST_ON_RESTART`]); a pidfile whose pid is gone or was recycled
@@ -237,16 +237,46 @@ impl LocalExecutor {
 /// Records an execution's terminal state unless one is recorded already (the first answer
 /// wins, so an old executor object finishing late cannot overwrite what a new one decided);
 /// returns the recorded state.
-fn record(executions: &std::path::Path, id: ExecutionId, state: ExecutionState) -> ExecutionState {
-    let path = executions.join(format!("{id}.json"));
+fn record(executions: &Path, id: ExecutionId, state: ExecutionState) -> ExecutionState {
     let tmp = executions.join(format!("{id}.json.{}.tmp", std::process::id()));
     let written = serde_json::to_vec(&state)
         .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        // A hard link is created only if nothing is there yet.
-        .and_then(|()| std::fs::hard_link(&tmp, &path));
-    let _ = std::fs::remove_file(&tmp);
-    match written {
+        .and_then(|bytes| std::fs::write(&tmp, bytes));
+    settle_record(executions, id, state, &tmp, written)
+}
+
+/// Records the terminal state of an execution whose pidfile this executor wrote, reusing the
+/// pidfile: its text is replaced by the state, then it is renamed to the result record. One
+/// file per execution instead of a pidfile plus a temporary file for the record. Until the
+/// rename, a reader of the pidfile finds no process identity in it, which is what it would
+/// find after the rename too (the process has ended).
+fn record_over_pidfile(
+    executions: &Path,
+    id: ExecutionId,
+    state: ExecutionState,
+    pidfile: &Path,
+) -> ExecutionState {
+    let written = serde_json::to_vec(&state)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(pidfile, bytes));
+    settle_record(executions, id, state, pidfile, written)
+}
+
+/// Moves `from` (holding `state`, if `written` is fine) to the result record unless a record
+/// exists already, then removes `from` whatever happened; returns the recorded state.
+fn settle_record(
+    executions: &Path,
+    id: ExecutionId,
+    state: ExecutionState,
+    from: &Path,
+    written: std::io::Result<()>,
+) -> ExecutionState {
+    let path = executions.join(format!("{id}.json"));
+    let moved = written.and_then(|()| move_unless_exists(from, &path));
+    if moved.is_err() {
+        let _ = std::fs::remove_file(from);
+    }
+    match moved {
         Ok(()) => state,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
             match std::fs::read(&path)
@@ -261,6 +291,21 @@ fn record(executions: &std::path::Path, id: ExecutionId, state: ExecutionState) 
             tracing::warn!(execution = %id, error = %e, "recording an execution's state failed");
             state
         }
+    }
+}
+
+/// Renames `from` to `to` only if `to` does not exist (`AlreadyExists` otherwise), atomically:
+/// `renameat2(RENAME_NOREPLACE)`, or a hard link and an unlink where the file system lacks it.
+fn move_unless_exists(from: &Path, to: &Path) -> std::io::Result<()> {
+    use rustix::fs::{CWD, RenameFlags, renameat_with};
+    match renameat_with(CWD, from, CWD, to, RenameFlags::NOREPLACE) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS | rustix::io::Errno::NOTSUP) => {
+            std::fs::hard_link(from, to)?;
+            let _ = std::fs::remove_file(from);
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -307,9 +352,16 @@ impl Executor for LocalExecutor {
             state_tx.send_replace(ExecutionState::Running);
             let pidfile = inner.executions.join(format!("{id}.pid"));
             let result_file = inner.executions.join(format!("{id}.json"));
+            let mut pidfile_written = false;
             let mut on_spawn = |identity: ProcessIdentity| {
-                if let Err(e) = identity.write_pidfile(&pidfile) {
-                    tracing::warn!(execution = %id, error = %e, "writing the pidfile failed");
+                // Written in place rather than through a temporary file: a reader that finds it
+                // empty or half-written finds no identity, as it would before it existed, and
+                // this step checks for a verdict only after writing it.
+                match std::fs::write(&pidfile, identity.to_pidfile()) {
+                    Ok(()) => pidfile_written = true,
+                    Err(e) => {
+                        tracing::warn!(execution = %id, error = %e, "writing the pidfile failed");
+                    }
                 }
                 // Another executor object over this data directory already settled it.
                 if result_file.exists() {
@@ -321,8 +373,11 @@ impl Executor for LocalExecutor {
                 WorkerOutcome::Finished(result) => ExecutionState::Finished(result),
                 WorkerOutcome::Canceled => ExecutionState::Canceled,
             };
-            let state = record(&inner.executions, id, state);
-            let _ = std::fs::remove_file(&pidfile);
+            let state = if pidfile_written {
+                record_over_pidfile(&inner.executions, id, state, &pidfile)
+            } else {
+                record(&inner.executions, id, state)
+            };
             state_tx.send_replace(state.clone());
             if inner
                 .reports_taken
@@ -418,5 +473,57 @@ fn log_error(id: ExecutionId, e: LogError) -> ExecutorError {
             backend: "local",
             source: format!("log store: {}", error_chain(&other)).into(),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(code: i32) -> ExecutionState {
+        ExecutionState::Finished(shipinator_core::executor::ExecutionResult {
+            exit_code: code,
+            logs_uri: None,
+            artifacts: Vec::new(),
+            failure: None,
+        })
+    }
+
+    fn read(path: &Path) -> ExecutionState {
+        serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_pidfile_becomes_the_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let id = ExecutionId::new_v7();
+        let pidfile = tmp.path().join(format!("{id}.pid"));
+        std::fs::write(&pidfile, "1 2\n").unwrap();
+        let state = record_over_pidfile(tmp.path(), id, finished(0), &pidfile);
+        assert_eq!(state, finished(0));
+        assert!(!pidfile.exists());
+        assert_eq!(read(&tmp.path().join(format!("{id}.json"))), finished(0));
+        // Nothing else is left behind.
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn an_earlier_record_wins_and_the_pidfile_goes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let id = ExecutionId::new_v7();
+        let lost = ExecutionState::Lost {
+            reason: LOST_ON_RESTART.to_owned(),
+        };
+        assert_eq!(record(tmp.path(), id, lost.clone()), lost);
+        let pidfile = tmp.path().join(format!("{id}.pid"));
+        std::fs::write(&pidfile, "1 2\n").unwrap();
+        assert_eq!(
+            record_over_pidfile(tmp.path(), id, finished(0), &pidfile),
+            lost
+        );
+        assert!(!pidfile.exists());
+        assert_eq!(read(&tmp.path().join(format!("{id}.json"))), lost);
+        assert_eq!(record(tmp.path(), id, finished(1)), lost);
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
     }
 }

@@ -1,7 +1,8 @@
 //! Running one step's command: a process group, streamed logs, timeout and cancellation.
 
-use std::ffi::OsString;
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -201,8 +202,14 @@ impl StepRunner {
                 reason: "the step has an empty command".to_owned(),
             });
         };
-        let mut cmd = tokio::process::Command::new(program);
-        cmd.args(args)
+        // With a `PATH` in the child's environment and a bare program name, the standard
+        // library falls back to fork + exec (it cannot tell which `PATH` `posix_spawnp` would
+        // search); with the program resolved here it spawns with `posix_spawn`, working
+        // directory and process group included, which does not copy the engine's page tables.
+        let resolved = resolve_program(program, self.child_path(&spec.env));
+        let mut cmd = tokio::process::Command::new(resolved.as_deref().unwrap_or(program.as_ref()));
+        cmd.arg0(program)
+            .args(args)
             .env_clear()
             .envs(self.base_env.vars())
             .envs(self.base_env.passed().iter().map(|(k, v)| (k, v)))
@@ -267,6 +274,45 @@ impl StepRunner {
         }
         exit
     }
+}
+
+impl StepRunner {
+    /// The `PATH` the command will see: the step's own, else a passed one, else the base one
+    /// (the order in which [`StepRunner::run`] applies them).
+    fn child_path<'a>(&'a self, env: &'a BTreeMap<String, String>) -> &'a OsStr {
+        if let Some(path) = env.get("PATH") {
+            return OsStr::new(path);
+        }
+        self.base_env
+            .passed()
+            .iter()
+            .rev()
+            .find(|(name, _)| name == "PATH")
+            .map_or(self.base_env.path.as_os_str(), |(_, value)| {
+                value.as_os_str()
+            })
+    }
+}
+
+/// Where `execvp` would find `program` on `path`: the first executable regular file named
+/// `program` in an absolute directory of `path`. `None` when `program` already names a path,
+/// or when the search would reach a relative entry (resolved against the child's working
+/// directory) or find nothing: the caller then leaves the search to the spawn itself.
+fn resolve_program(program: &str, path: &OsStr) -> Option<PathBuf> {
+    if program.is_empty() || program.contains('/') {
+        return None;
+    }
+    for dir in std::env::split_paths(path) {
+        if !dir.is_absolute() {
+            return None;
+        }
+        let candidate = dir.join(program);
+        let is_file = std::fs::metadata(&candidate).is_ok_and(|m| m.is_file());
+        if is_file && rustix::fs::access(&candidate, rustix::fs::Access::EXEC_OK).is_ok() {
+            return Some(candidate);
+        }
+    }
+    None
 }
 
 async fn supervise(
@@ -335,5 +381,61 @@ async fn read_lines(
         if tx.send((stream, text)).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn file(path: &Path, mode: u32) {
+        std::fs::write(path, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn resolves_like_execvp_or_not_at_all() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        file(&a.join("tool"), 0o644);
+        file(&b.join("tool"), 0o755);
+        std::fs::create_dir_all(a.join("dir")).unwrap();
+        let path = std::env::join_paths([&a, &b]).unwrap();
+        // Not executable in `a`: the one in `b`.
+        assert_eq!(resolve_program("tool", &path), Some(b.join("tool")));
+        // A directory is not a program.
+        assert_eq!(resolve_program("dir", &path), None);
+        assert_eq!(resolve_program("missing", &path), None);
+        // Paths are the spawn's business.
+        assert_eq!(resolve_program("./tool", &path), None);
+        assert_eq!(resolve_program("", &path), None);
+        // A relative entry before a match depends on the child's directory: left alone.
+        let relative = std::env::join_paths([Path::new("rel"), &b]).unwrap();
+        assert_eq!(resolve_program("tool", &relative), None);
+        assert_eq!(resolve_program("tool", OsStr::new("")), None);
+    }
+
+    #[test]
+    fn the_steps_path_wins_over_passed_and_base_ones() {
+        let base = BaseEnv {
+            path: "/base".into(),
+            home: None,
+            passed: Vec::new(),
+        };
+        let mut env = BTreeMap::new();
+        let runner = StepRunner::new(Duration::from_secs(1), base.clone());
+        assert_eq!(runner.child_path(&env), OsStr::new("/base"));
+        let passed = BaseEnv {
+            passed: vec![("PATH".to_owned(), "/passed".into())],
+            ..base
+        };
+        let runner = StepRunner::new(Duration::from_secs(1), passed);
+        assert_eq!(runner.child_path(&env), OsStr::new("/passed"));
+        env.insert("PATH".to_owned(), "/own".to_owned());
+        assert_eq!(runner.child_path(&env), OsStr::new("/own"));
     }
 }

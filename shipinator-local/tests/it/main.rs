@@ -288,6 +288,60 @@ async fn inputs_are_materialized_and_verified() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_program_is_found_on_the_steps_own_path_and_keeps_its_name() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = env();
+    let bin = env.dir.path().join("own-bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let tool = bin.join("greet");
+    std::fs::write(&tool, "#!/bin/sh\necho \"$0 in $(pwd -P)\" \"$@\"\n").unwrap();
+    std::fs::set_permissions(&tool, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // A file of the same name that is not executable comes first: it is skipped, as `execvp`
+    // skips it.
+    let shadow = env.dir.path().join("shadow");
+    std::fs::create_dir_all(&shadow).unwrap();
+    std::fs::write(shadow.join("greet"), "not a program").unwrap();
+    let mut own = spec("unused");
+    own.command = vec!["greet".to_owned(), "a b".to_owned()];
+    own.env.insert(
+        "PATH".to_owned(),
+        format!("{}:{}:/usr/bin:/bin", shadow.display(), bin.display()),
+    );
+    let r = finished(run(&env, &own).await);
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    let out = stdout(&env, &own).await;
+    let workspace = env
+        .dir
+        .path()
+        .join("data/workspaces")
+        .join(&own.workspace.key);
+    let workspace = workspace.canonicalize().unwrap();
+    // A script is started by its full path, as `execvp` starts it.
+    assert_eq!(
+        out,
+        vec![format!("{} in {} a b", tool.display(), workspace.display())]
+    );
+
+    // `sh` itself keeps `sh` as its name.
+    let zero = spec("echo \"$0\"");
+    let r = finished(run(&env, &zero).await);
+    assert_eq!(r.exit_code, 0, "{r:?}");
+    assert_eq!(stdout(&env, &zero).await, vec!["sh".to_owned()]);
+
+    // A program found nowhere fails to start, with its name in the failure.
+    let mut missing = spec("unused");
+    missing.command = vec!["no-such-program-anywhere".to_owned()];
+    let r = finished(run(&env, &missing).await);
+    assert_eq!(r.exit_code, shipinator_local::worker::EXIT_NOT_RUN);
+    assert!(
+        r.failure
+            .as_deref()
+            .is_some_and(|f| f.contains("no-such-program-anywhere")),
+        "{r:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn steps_see_their_env_and_not_the_engines() {
     let env = env();
     let mut spec = spec("env");
