@@ -6,5 +6,6 @@
 mod run;
 mod run_dogfood;
 mod run_signals;
+mod schemathesis;
 mod server;
 mod validate;
