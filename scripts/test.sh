@@ -55,5 +55,22 @@ if ! command -v moto_server >/dev/null 2>&1; then
     command -v moto_server >/dev/null 2>&1 || die "moto_server not on PATH after installing moto[server]"
 fi
 
+# schemathesis fuzzes the server's OpenAPI document; pinned, in a virtualenv beside the build
+# output (the test finds it there, or through SHIPINATOR_SCHEMATHESIS).
+schemathesis_version=4.32.5
+target_dir=${CARGO_TARGET_DIR:-target}
+venv="$target_dir/schemathesis-venv"
+if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qF "$schemathesis_version"; then
+    command -v python3 >/dev/null 2>&1 || apt_install python3 python3-venv
+    python3 -m venv --help >/dev/null 2>&1 || apt_install python3-venv
+    say "installing schemathesis $schemathesis_version from PyPI into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv" || die "could not create a virtualenv: apt-get install -y python3-venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "schemathesis==$schemathesis_version" \
+        || die "could not install schemathesis: run $venv/bin/python -m pip install schemathesis==$schemathesis_version"
+fi
+SHIPINATOR_SCHEMATHESIS="$(cd "$venv/bin" && pwd)/schemathesis"
+export SHIPINATOR_SCHEMATHESIS
+
 say "cargo test --workspace"
 exec cargo test --workspace --locked "$@"

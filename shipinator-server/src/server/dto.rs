@@ -15,6 +15,77 @@ use shipinator_core::store::ApiToken;
 use shipinator_core::time::Timestamp;
 use utoipa::{IntoParams, ToSchema};
 
+/// OpenAPI schemas of the domain's text enums, built from their `ALL` lists so the document
+/// always names every accepted value.
+pub(crate) mod schemas {
+    use shipinator_core::domain::{
+        ArtifactType, JobType, RunPhase, RunStatus, Status, TokenRole, Trigger,
+    };
+    use utoipa::openapi::schema::{ArrayBuilder, Object, ObjectBuilder, SchemaType, Type};
+
+    fn one_of(values: impl IntoIterator<Item = &'static str>, nullable: bool) -> Object {
+        let mut values: Vec<serde_json::Value> = values.into_iter().map(Into::into).collect();
+        let schema_type = if nullable {
+            values.push(serde_json::Value::Null);
+            SchemaType::from_iter([Type::String, Type::Null])
+        } else {
+            SchemaType::Type(Type::String)
+        };
+        ObjectBuilder::new()
+            .schema_type(schema_type)
+            .enum_values(Some(values))
+            .build()
+    }
+
+    pub(crate) fn trigger() -> Object {
+        one_of(Trigger::ALL.iter().map(|v| v.as_str()), false)
+    }
+    pub(crate) fn trigger_opt() -> Object {
+        one_of(Trigger::ALL.iter().map(|v| v.as_str()), true)
+    }
+    pub(crate) fn run_status() -> Object {
+        one_of(RunStatus::ALL.iter().map(|v| v.as_str()), false)
+    }
+    pub(crate) fn run_phase() -> Object {
+        one_of(RunPhase::ALL.iter().map(|v| v.as_str()), false)
+    }
+    pub(crate) fn status() -> Object {
+        one_of(Status::ALL.iter().map(|v| v.as_str()), false)
+    }
+    pub(crate) fn job_type() -> Object {
+        one_of(JobType::ALL.iter().map(|v| v.as_str()), false)
+    }
+    pub(crate) fn job_types() -> utoipa::openapi::schema::Array {
+        ArrayBuilder::new().items(job_type()).build()
+    }
+    pub(crate) fn job_types_opt() -> utoipa::openapi::schema::Array {
+        ArrayBuilder::new()
+            .schema_type(SchemaType::from_iter([Type::Array, Type::Null]))
+            .items(job_type())
+            .build()
+    }
+    pub(crate) fn artifact_type() -> Object {
+        one_of(ArtifactType::ALL.iter().map(|v| v.as_str()), false)
+    }
+    pub(crate) fn token_role() -> Object {
+        one_of(TokenRole::ALL.iter().map(|v| v.as_str()), false)
+    }
+    /// `LogStream`'s wire spellings.
+    pub(crate) const LOG_STREAMS: [&str; 3] = ["stdout", "stderr", "system"];
+    pub(crate) fn log_stream() -> Object {
+        one_of(LOG_STREAMS, false)
+    }
+    /// The event names of a followed log.
+    pub(crate) fn log_event_kind() -> Object {
+        one_of(["line", "end", "error"], false)
+    }
+    /// `ReportedStatus`'s wire spellings.
+    pub(crate) const REPORTED_STATUSES: [&str; 4] = ["running", "success", "failed", "lost"];
+    pub(crate) fn reported_status() -> Object {
+        one_of(REPORTED_STATUSES, false)
+    }
+}
+
 fn ts(t: Timestamp) -> String {
     t.to_rfc3339()
 }
@@ -106,7 +177,7 @@ pub(crate) struct PipelineDto {
     #[schema(value_type = String, format = Uuid)]
     pub(crate) repository_id: RepositoryId,
     pub(crate) name: String,
-    #[schema(value_type = String, example = "push")]
+    #[schema(schema_with = schemas::trigger)]
     pub(crate) trigger_type: Trigger,
     /// The `.shipinator.yaml` text.
     pub(crate) config: String,
@@ -138,7 +209,7 @@ pub(crate) struct CreatePipeline {
     /// Unique within the repository.
     pub(crate) name: String,
     /// Default `manual`.
-    #[schema(value_type = Option<String>, example = "push")]
+    #[schema(schema_with = schemas::trigger_opt)]
     pub(crate) trigger_type: Option<Trigger>,
     /// The `.shipinator.yaml` text.
     pub(crate) config: Option<String>,
@@ -151,7 +222,7 @@ pub(crate) struct CreatePipeline {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RunRequestBody {
     /// `pr`, `push` or `manual`.
-    #[schema(value_type = String, example = "push")]
+    #[schema(schema_with = schemas::trigger)]
     pub(crate) trigger: Trigger,
     /// Branch name (`main`); matched against the pipeline's triggers.
     pub(crate) branch: String,
@@ -161,7 +232,7 @@ pub(crate) struct RunRequestBody {
     /// The exact commit (hex sha).
     pub(crate) commit: String,
     /// For manual runs, the stages to run (`build`, `test`, `deploy`); default build and test.
-    #[schema(value_type = Option<Vec<String>>)]
+    #[schema(schema_with = schemas::job_types_opt)]
     pub(crate) stages: Option<Vec<JobType>>,
 }
 
@@ -175,13 +246,13 @@ pub(crate) struct RunDto {
     #[serde(rename = "ref")]
     pub(crate) git_ref: String,
     pub(crate) commit: String,
-    #[schema(value_type = String, example = "running")]
+    #[schema(schema_with = schemas::run_status)]
     pub(crate) status: RunStatus,
-    #[schema(value_type = String, example = "building")]
+    #[schema(schema_with = schemas::run_phase)]
     pub(crate) phase: RunPhase,
-    #[schema(value_type = String, example = "push")]
+    #[schema(schema_with = schemas::trigger)]
     pub(crate) trigger: Trigger,
-    #[schema(value_type = Vec<String>)]
+    #[schema(schema_with = schemas::job_types)]
     pub(crate) requested_stages: Vec<JobType>,
     pub(crate) requested_by: String,
     #[schema(value_type = Option<String>, format = Uuid)]
@@ -219,10 +290,10 @@ pub(crate) struct JobDto {
     #[schema(value_type = String, format = Uuid)]
     pub(crate) run_id: RunId,
     #[serde(rename = "type")]
-    #[schema(value_type = String, example = "build")]
+    #[schema(schema_with = schemas::job_type)]
     pub(crate) job_type: JobType,
     pub(crate) name: String,
-    #[schema(value_type = String, example = "succeeded")]
+    #[schema(schema_with = schemas::status)]
     pub(crate) status: JobStatus,
     pub(crate) created_at: String,
     pub(crate) started_at: Option<String>,
@@ -254,7 +325,7 @@ pub(crate) struct ExecutionDto {
     pub(crate) attempt: u32,
     pub(crate) executor_type: String,
     pub(crate) external_id: String,
-    #[schema(value_type = String, example = "running")]
+    #[schema(schema_with = schemas::status)]
     pub(crate) status: ExecutionStatus,
     pub(crate) exit_code: Option<i32>,
     pub(crate) failure: Option<String>,
@@ -292,7 +363,7 @@ pub(crate) struct StepDto {
     pub(crate) name: String,
     pub(crate) execution_order: u32,
     pub(crate) parallel_group: Option<String>,
-    #[schema(value_type = String, example = "succeeded")]
+    #[schema(schema_with = schemas::status)]
     pub(crate) status: StepStatus,
     pub(crate) attempt: u32,
     pub(crate) created_at: String,
@@ -331,7 +402,7 @@ pub(crate) struct ArtifactDto {
     #[schema(value_type = Option<String>, format = Uuid)]
     pub(crate) step_id: Option<StepId>,
     #[serde(rename = "type")]
-    #[schema(value_type = String, example = "binary")]
+    #[schema(schema_with = schemas::artifact_type)]
     pub(crate) artifact_type: ArtifactType,
     pub(crate) name: Option<String>,
     pub(crate) path: Option<String>,
@@ -389,7 +460,7 @@ pub(crate) struct RunQuery {
     #[param(value_type = Option<String>, format = Uuid)]
     pub(crate) pipeline: Option<PipelineId>,
     /// Runs with this status.
-    #[param(value_type = Option<String>)]
+    #[param(schema_with = schemas::run_status)]
     pub(crate) status: Option<RunStatus>,
     /// Runs of this branch or ref.
     pub(crate) branch: Option<String>,
@@ -404,7 +475,7 @@ pub(crate) struct RunQuery {
 pub(crate) struct LogLineDto {
     pub(crate) seq: u64,
     pub(crate) at: String,
-    #[schema(value_type = String, example = "stdout")]
+    #[schema(schema_with = schemas::log_stream)]
     pub(crate) stream: LogStream,
     pub(crate) text: String,
 }
@@ -419,6 +490,46 @@ impl From<LogLine> for LogLineDto {
         }
     }
 }
+
+/// One Server-Sent Event of a followed step log (`follow=true`): `line` events carry a
+/// `LogLineDto` as JSON in `data` and the line's `seq` as `id`; the stream ends with one `end`
+/// event (`data` is `{}`), or with an `error` event whose `data` is a message.
+#[derive(Debug)]
+pub(crate) enum LogEvent {}
+
+impl utoipa::PartialSchema for LogEvent {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        let text = |description: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .description(Some(description))
+        };
+        ObjectBuilder::new()
+            .schema_type(Type::Object)
+            .description(Some(
+                "One event: `line` (data: a LogLineDto as JSON, id: its seq), then one `end` \
+                 (data: `{}`) or `error` (data: a message)",
+            ))
+            .property("event", schemas::log_event_kind())
+            .required("event")
+            .property(
+                "data",
+                text("JSON for `line` and `end`; a message for `error`"),
+            )
+            .required("data")
+            .property("id", text("The line's sequence number (`line` events)"))
+            .property(
+                "retry",
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .minimum(Some(0)),
+            )
+            .into()
+    }
+}
+
+impl ToSchema for LogEvent {}
 
 /// A step's log lines.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -450,7 +561,7 @@ pub(crate) struct TokenDto {
     #[schema(value_type = String, format = Uuid)]
     pub(crate) id: shipinator_core::domain::ApiTokenId,
     pub(crate) name: String,
-    #[schema(value_type = String, example = "viewer")]
+    #[schema(schema_with = schemas::token_role)]
     pub(crate) role: TokenRole,
     /// The projects it is scoped to; absent for every project.
     #[schema(value_type = Option<Vec<String>>)]
@@ -479,7 +590,7 @@ impl From<ApiToken> for TokenDto {
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreateToken {
     pub(crate) name: String,
-    #[schema(value_type = String, example = "developer")]
+    #[schema(schema_with = schemas::token_role)]
     pub(crate) role: TokenRole,
     /// Scope to these projects; absent for every project.
     #[schema(value_type = Option<Vec<String>>)]
@@ -500,7 +611,7 @@ pub(crate) struct CreatedToken {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ExecutionStatusBody {
     /// `running`, `success`, `failed` or `lost`.
-    #[schema(value_type = String, example = "success")]
+    #[schema(schema_with = schemas::reported_status)]
     pub(crate) status: ReportedStatus,
     pub(crate) exit_code: Option<i32>,
     pub(crate) logs_uri: Option<String>,
@@ -548,4 +659,32 @@ pub(crate) struct UploadedArtifact {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub(crate) struct Health {
     pub(crate) status: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hand_listed_spellings_match_serde() {
+        for text in schemas::LOG_STREAMS {
+            serde_json::from_value::<LogStream>(text.into()).expect("a log stream");
+        }
+        for v in [LogStream::Stdout, LogStream::Stderr, LogStream::System] {
+            let text = serde_json::to_value(v).expect("serializes");
+            assert!(schemas::LOG_STREAMS.contains(&text.as_str().expect("text")));
+        }
+        for text in schemas::REPORTED_STATUSES {
+            serde_json::from_value::<ReportedStatus>(text.into()).expect("a status");
+        }
+        for v in [
+            ReportedStatus::Running,
+            ReportedStatus::Success,
+            ReportedStatus::Failed,
+            ReportedStatus::Lost,
+        ] {
+            let text = serde_json::to_value(v).expect("serializes");
+            assert!(schemas::REPORTED_STATUSES.contains(&text.as_str().expect("text")));
+        }
+    }
 }

@@ -68,7 +68,8 @@ pub(crate) fn router(state: AppState) -> Router {
         ))
         .layer(axum::middleware::map_response(timeout_shape));
     let streaming = api::streaming_routes().layer(DefaultBodyLimit::disable());
-    let (routes, openapi) = bounded.merge(streaming).split_for_parts();
+    let (routes, mut openapi) = bounded.merge(streaming).split_for_parts();
+    api::complete_responses(&mut openapi);
     let openapi = Arc::new(openapi);
     routes
         .route(

@@ -7,6 +7,7 @@ mod cli_client;
 mod run;
 mod run_dogfood;
 mod run_signals;
+mod schemathesis;
 mod server;
 mod validate;
 mod worker;

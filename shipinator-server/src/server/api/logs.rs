@@ -17,7 +17,7 @@ use super::runs::visible_run;
 use super::{ApiPath, ApiQuery};
 use crate::server::AppState;
 use crate::server::auth::Caller;
-use crate::server::dto::{LogLineDto, LogPage, LogQuery};
+use crate::server::dto::{LogEvent, LogLineDto, LogPage, LogQuery};
 use crate::server::error::{ApiError, ApiResult, ErrorBody};
 
 /// How often a follower waiting for a step to start looks again.
@@ -52,7 +52,8 @@ async fn execution_of(
         ("Last-Event-ID" = Option<String>, Header, description = "With follow=true: resume after this line"),
     ),
     responses(
-        (status = 200, description = "Lines (JSON), or with follow=true an event stream: `line` events (JSON data, id = seq) then one `end` event", body = LogPage),
+        (status = 200, description = "Lines (JSON), or with follow=true an event stream: `line` events (JSON data, id = seq) then one `end` event",
+            content((LogPage = "application/json"), (LogEvent = "text/event-stream"))),
         (status = 404, description = "No such run or step, or the step has not started", body = ErrorBody),
     ),
     security(("bearer" = [])))]

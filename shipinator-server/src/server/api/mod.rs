@@ -92,6 +92,64 @@ pub(crate) fn streaming_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(logs::step_logs))
 }
 
+/// Documents the error answers every `/v1` operation can give besides its own: 400 (a path,
+/// query, header or body the server refuses), 401, 403, 404 for paths naming an object, 413
+/// and 415 for JSON bodies, and 503 while the database is unavailable; each with the one
+/// error shape.
+pub(crate) fn complete_responses(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, RefOr, Response, ResponseBuilder};
+    let error = |description: &str| -> RefOr<Response> {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+            .into()
+    };
+    for (path, item) in &mut doc.paths.paths {
+        if !path.starts_with("/v1/") {
+            continue;
+        }
+        let names_object = path.contains('{');
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for op in operations.into_iter().flatten() {
+            let json_body = op
+                .request_body
+                .as_ref()
+                .is_some_and(|b| b.content.keys().any(|k| k.starts_with("application/json")));
+            let mut wanted = vec![
+                ("400", "Invalid path, query, header or body"),
+                ("401", "No token, or an unknown or revoked one"),
+                ("403", "The token may not do this"),
+                ("503", "The database is unavailable; retry later"),
+            ];
+            if names_object {
+                wanted.push(("404", "Not found"));
+            }
+            if json_body {
+                wanted.push(("413", "The body exceeds the configured limit"));
+                wanted.push(("415", "The body is not sent as application/json"));
+            }
+            for (code, description) in wanted {
+                op.responses
+                    .responses
+                    .entry(code.to_owned())
+                    .or_insert_with(|| error(description));
+            }
+        }
+    }
+}
+
 /// `Json` with the API's error shape.
 #[derive(Debug)]
 pub(crate) struct ApiJson<T>(pub(crate) T);
