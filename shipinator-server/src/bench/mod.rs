@@ -9,6 +9,7 @@ use crate::cli::EXIT_USAGE;
 mod artifacts;
 mod counting;
 mod engine;
+mod http;
 mod local;
 mod rss;
 
@@ -42,6 +43,22 @@ pub(crate) enum BenchCommand {
     Artifacts(ArtifactsArgs),
     /// One run of sequential `true` steps on the local stack, against the per-step floor.
     Local(LocalArgs),
+    /// The reference server under wrk: a run's status read against `/healthz`.
+    Http(HttpArgs),
+}
+
+/// Arguments of `bench http`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct HttpArgs {
+    /// The store the server runs on (`sqlite`, or `postgres` with `--database URL`).
+    #[command(flatten)]
+    pub(crate) store: StoreArgs,
+    /// Seconds of load per endpoint (wrk `-d`).
+    #[arg(long, default_value_t = 15)]
+    pub(crate) duration: u64,
+    /// Open connections (wrk `-c`).
+    #[arg(long, default_value_t = 4)]
+    pub(crate) connections: u32,
 }
 
 /// Arguments of `bench local`.
@@ -84,6 +101,7 @@ pub(crate) fn run(cmd: BenchCommand) -> u8 {
         BenchCommand::Artifacts(args) => artifacts::run(&args),
         BenchCommand::Engine(args) => print_json_line(|| async move { engine::run(&args).await }),
         BenchCommand::Local(args) => print_json_line(|| async move { local::run(&args).await }),
+        BenchCommand::Http(args) => print_json_line(|| async move { http::run(&args).await }),
     }
 }
 

@@ -8,8 +8,13 @@
 //!   is valid only for the worker endpoints of its own execution while that execution is not
 //!   terminal in the store, and for reading the artifacts of its own run and of the runs that
 //!   run retries.
+//!
+//! A verified API token is remembered for [`TOKEN_CACHE_TTL`] so that reads cost one store
+//! query, not two. Revoking through this server forgets it at once; a revocation made
+//! elsewhere (`shipinator tokens revoke`, another replica) takes effect within that TTL.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::header;
@@ -17,7 +22,7 @@ use axum::http::request::Parts;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use shipinator_core::domain::{
-    Artifact, ExecutionId, PipelineId, ProjectId, RunId, RunStatus, TokenRole,
+    ApiTokenId, Artifact, ExecutionId, PipelineId, ProjectId, RunId, RunStatus, TokenRole,
 };
 use shipinator_core::store::{ApiToken, PageRequest, RunFilter, StoreError};
 use shipinator_core::time::Timestamp;
@@ -32,6 +37,61 @@ pub(crate) const EXECUTION_TOKEN_PREFIX: &str = "shpx_";
 
 /// How stale `last_used_at` may get before a request refreshes it.
 const TOUCH_INTERVAL: Duration = Duration::from_secs(60);
+
+/// How long a verified API token is trusted without asking the store again.
+pub(crate) const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
+/// Most tokens remembered at once; a full cache starts over.
+const TOKEN_CACHE_CAPACITY: usize = 4096;
+
+/// Verified, unrevoked API tokens by the SHA-256 of their text, each with when it was read.
+#[derive(Debug, Default)]
+pub(crate) struct TokenCache {
+    entries: std::sync::Mutex<HashMap<String, (ApiToken, Instant)>>,
+}
+
+impl TokenCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (ApiToken, Instant)>> {
+        // A panic while holding the lock leaves a map that is still consistent.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The token, if it was verified less than the TTL ago. When its `last_used_at` is
+    /// stale, the cached copy is refreshed to `now` and `true` says the store should be too.
+    fn get(&self, hash: &str, now: Timestamp) -> Option<(ApiToken, bool)> {
+        let mut entries = self.lock();
+        let (token, read_at) = entries.get_mut(hash)?;
+        if read_at.elapsed() >= TOKEN_CACHE_TTL {
+            entries.remove(hash);
+            return None;
+        }
+        let stale = is_stale(token, now);
+        if stale {
+            token.last_used_at = Some(now);
+        }
+        Some((token.clone(), stale))
+    }
+
+    fn put(&self, hash: String, token: ApiToken) {
+        let mut entries = self.lock();
+        if entries.len() >= TOKEN_CACHE_CAPACITY {
+            entries.clear();
+        }
+        entries.insert(hash, (token, Instant::now()));
+    }
+
+    /// Forgets token `id` (it was revoked).
+    pub(crate) fn forget(&self, id: ApiTokenId) {
+        self.lock().retain(|_, (t, _)| t.id != id);
+    }
+}
+
+fn is_stale(token: &ApiToken, now: Timestamp) -> bool {
+    token
+        .last_used_at
+        .is_none_or(|t| now.saturating_duration_since(t) >= TOUCH_INTERVAL)
+}
 
 /// A fresh API token: `shp_` and 32 random bytes in hex.
 pub(crate) fn new_api_token() -> anyhow::Result<String> {
@@ -103,20 +163,29 @@ impl FromRequestParts<AppState> for Caller {
         if token.starts_with(EXECUTION_TOKEN_PREFIX) {
             return Ok(Caller::Execution(token.to_owned()));
         }
-        let found = match state.store.find_api_token(&hash_token(token)).await {
-            Ok(t) => t,
-            Err(StoreError::NotFound { .. }) => {
-                return Err(ApiError::unauthorized("unknown token"));
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if found.revoked_at.is_some() {
-            return Err(ApiError::unauthorized("this token was revoked"));
-        }
+        let hash = hash_token(token);
         let now = Timestamp::now();
-        let stale = found
-            .last_used_at
-            .is_none_or(|t| now.saturating_duration_since(t) >= TOUCH_INTERVAL);
+        let (found, stale) = match state.tokens.get(&hash, now) {
+            Some(cached) => cached,
+            None => {
+                let mut found = match state.store.find_api_token(&hash).await {
+                    Ok(t) => t,
+                    Err(StoreError::NotFound { .. }) => {
+                        return Err(ApiError::unauthorized("unknown token"));
+                    }
+                    Err(e) => return Err(e.into()),
+                };
+                if found.revoked_at.is_some() {
+                    return Err(ApiError::unauthorized("this token was revoked"));
+                }
+                let stale = is_stale(&found, now);
+                if stale {
+                    found.last_used_at = Some(now);
+                }
+                state.tokens.put(hash, found.clone());
+                (found, stale)
+            }
+        };
         if stale {
             let store = std::sync::Arc::clone(&state.store);
             let id = found.id;
@@ -303,6 +372,37 @@ mod tests {
         assert_eq!(t, execution_token(b"secret-one", a));
         assert_ne!(t, execution_token(b"secret-one", b));
         assert_ne!(t, execution_token(b"secret-two", a));
+    }
+
+    #[test]
+    fn the_token_cache_remembers_refreshes_and_forgets() {
+        let cache = TokenCache::default();
+        let now = Timestamp::now();
+        let token = ApiToken {
+            id: ApiTokenId::new_v7(),
+            name: "t".to_owned(),
+            role: TokenRole::Viewer,
+            scope: shipinator_core::store::ProjectScope::All,
+            secret_sha256: "h".to_owned(),
+            created_at: now,
+            last_used_at: None,
+            revoked_at: None,
+        };
+        assert!(cache.get("h", now).is_none());
+        cache.put("h".to_owned(), token.clone());
+        // Never used: the first hit asks for a store update, the next ones do not.
+        let (hit, stale) = cache.get("h", now).expect("cached");
+        assert_eq!(hit.id, token.id);
+        assert!(stale);
+        let (_, stale) = cache.get("h", now).expect("cached");
+        assert!(!stale);
+        cache.forget(ApiTokenId::new_v7());
+        assert!(cache.get("h", now).is_some(), "another id leaves it");
+        cache.forget(token.id);
+        assert!(
+            cache.get("h", now).is_none(),
+            "a revoked token is forgotten"
+        );
     }
 
     #[test]

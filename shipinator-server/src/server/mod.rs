@@ -54,6 +54,8 @@ pub(crate) struct AppState {
     pub(crate) idempotency: Arc<Mutex<()>>,
     /// Turns `true` when the server shuts down: long-lived streams end.
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Recently verified API tokens.
+    pub(crate) tokens: Arc<auth::TokenCache>,
 }
 
 /// The application: every route, with tracing, request ids, timeouts and body limits.
@@ -349,6 +351,7 @@ pub(crate) async fn run(mut config: ServerConfig) -> anyhow::Result<()> {
         metrics: Metrics::global(),
         idempotency: Arc::new(Mutex::new(())),
         shutdown: stop_rx.clone(),
+        tokens: Arc::default(),
     };
     bootstrap_admin(&state, &config.data_dir).await?;
     let event_metrics = metrics::spawn_event_metrics(&driver);

@@ -134,6 +134,7 @@ async fn harness(limits: Limits) -> Harness {
         metrics: Metrics::global(),
         idempotency: Arc::new(Mutex::new(())),
         shutdown: rx,
+        tokens: Arc::default(),
     };
     let (admin, _) = api::tokens::issue(
         &state,

@@ -114,5 +114,6 @@ pub(crate) async fn revoke_token(
 ) -> ApiResult<Json<TokenDto>> {
     caller.require_global_admin()?;
     let token = state.store.revoke_api_token(id, Timestamp::now()).await?;
+    state.tokens.forget(id);
     Ok(Json(token.into()))
 }
