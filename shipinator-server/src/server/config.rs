@@ -637,3 +637,83 @@ service_account = "deployer"
         );
     }
 }
+
+#[cfg(test)]
+mod deploy_tests {
+    use super::*;
+
+    /// The objects of the repository's `deploy/`, by kind.
+    fn deploy_objects() -> Vec<serde_json::Value> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("deploy/")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        paths.sort();
+        paths
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p).expect("read");
+                serde_saphyr::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            })
+            .collect()
+    }
+
+    fn named<'a>(objects: &'a [serde_json::Value], kind: &str) -> Vec<&'a str> {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == kind)
+            .filter_map(|o| o["metadata"]["name"].as_str())
+            .collect()
+    }
+
+    /// The server configuration in `deploy/`'s ConfigMap loads as `serve` would load it, and
+    /// names the objects `deploy/` creates.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail takes a closure returning its error
+    fn the_configuration_in_deploy_parses_and_names_the_deployed_objects() {
+        let objects = deploy_objects();
+        let config_map = objects
+            .iter()
+            .find(|o| o["kind"] == "ConfigMap")
+            .expect("deploy/ holds the server's ConfigMap");
+        let toml = config_map["data"]["server.toml"]
+            .as_str()
+            .expect("the ConfigMap holds server.toml");
+        let mut loaded = None;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("server.toml", toml)?;
+            loaded = Some(ServerConfig::load(
+                Some(Path::new("server.toml")),
+                Overrides::default(),
+            ));
+            Ok(())
+        });
+        let config = match loaded.expect("ran") {
+            Ok(c) => c,
+            Err(e) => panic!("deploy/'s server.toml: {e:#}"),
+        };
+        assert!(matches!(config.executor, ExecutorConfig::Kubernetes));
+        let k8s = config.k8s_config("http://unused");
+        assert_eq!(k8s.cluster, ClusterSource::InCluster);
+        assert_eq!(
+            Some(k8s.callback_url.as_str()),
+            config.public_url.as_deref()
+        );
+        assert!(named(&objects, "Namespace").contains(&k8s.namespace.as_str()));
+        assert_eq!(
+            config_map["metadata"]["namespace"].as_str(),
+            Some(k8s.namespace.as_str())
+        );
+        let claim = k8s.workspace.as_ref().map(|w| w.claim_name.as_str());
+        assert!(named(&objects, "PersistentVolumeClaim").contains(&claim.unwrap_or("-")));
+        let builds = k8s.service_account.as_deref().unwrap_or("-");
+        assert!(named(&objects, "ServiceAccount").contains(&builds));
+        let local = k8s
+            .targets
+            .get(shipinator_k8s::DEFAULT_TARGET)
+            .expect("deploy/ configures the default target");
+        assert!(!local.namespaces.is_empty());
+    }
+}
