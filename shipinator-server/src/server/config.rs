@@ -716,4 +716,32 @@ mod deploy_tests {
             .expect("deploy/ configures the default target");
         assert!(!local.namespaces.is_empty());
     }
+
+    /// The example configuration loads as `serve` would load it.
+    #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail takes a closure returning its error
+    fn the_example_kubernetes_configuration_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/server/kubernetes.toml");
+        let toml = std::fs::read_to_string(&path).expect("the example exists");
+        let mut loaded = None;
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("server.toml", &toml)?;
+            loaded = Some(ServerConfig::load(
+                Some(Path::new("server.toml")),
+                Overrides::default(),
+            ));
+            Ok(())
+        });
+        let config = match loaded.expect("ran") {
+            Ok(c) => c,
+            Err(e) => panic!("{}: {e:#}", path.display()),
+        };
+        assert!(matches!(config.executor, ExecutorConfig::Kubernetes));
+        let k8s = config.k8s_config("http://unused");
+        assert_eq!(k8s.callback_url, "http://ci.example.internal:8080");
+        assert_eq!(
+            k8s.targets.keys().map(String::as_str).collect::<Vec<_>>(),
+            ["local", "production"]
+        );
+    }
 }
