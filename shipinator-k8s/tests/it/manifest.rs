@@ -274,7 +274,16 @@ fn deploy_job_uses_the_target_service_account() -> anyhow::Result<()> {
     let err = job_manifest(&cfg, &spec, None).err().map(|e| e.to_string());
     expect![[r#"
         Some(
-            "execution 3414f5a9-7e4e-58f5-b37f-d45011abd746 rejected: namespace 'kube-system' is not allowed for target 'local'",
+            "execution 3414f5a9-7e4e-58f5-b37f-d45011abd746 rejected: namespace 'kube-system' is not allowed for target 'local' (targets.local.namespaces: [\"staging\"])",
+        )
+    "#]].assert_debug_eq(&err);
+
+    spec.env
+        .insert("SHIPINATOR_DEPLOY_TARGET".to_owned(), "prod".to_owned());
+    let err = job_manifest(&cfg, &spec, None).err().map(|e| e.to_string());
+    expect![[r#"
+        Some(
+            "execution 3414f5a9-7e4e-58f5-b37f-d45011abd746 rejected: deploy target 'prod' is not configured (no [targets.prod])",
         )
     "#]].assert_debug_eq(&err);
     Ok(())

@@ -525,7 +525,10 @@ async fn a_deploy_to_a_namespace_its_target_does_not_allow_fails_saying_so() {
     for e in executions {
         let failure = e["failure"].as_str().unwrap_or_default();
         assert!(
-            failure.contains("namespace 'kube-system' is not allowed for target 'local'"),
+            failure.contains(
+                "namespace 'kube-system' is not allowed for target 'local' \
+                 (targets.local.namespaces: [\"staging\"])"
+            ),
             "{e}"
         );
     }
