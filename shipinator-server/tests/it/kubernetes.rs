@@ -587,3 +587,56 @@ fn bad_kubernetes_configurations_stop_serve_with_exit_2_naming_the_key() {
         &["kubernetes.cluster", "kubeconfig"],
     );
 }
+
+const SLOW: &str = r#"
+build:
+  steps:
+    - name: sleeps
+      run: sleep 300 & echo $! > sleep.pid; wait
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_run_deletes_its_job_and_the_pod_stops_the_step() {
+    let cluster = Cluster::start().await;
+    let data = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = Server::start(data.path(), &cluster.server_toml(port), port);
+    let (repo, head) = repo(SLOW);
+    let id = server.trigger(repo.path(), SLOW, &head, &["build"]).await;
+    // The stage's workspace, on the claim the kubelet keeps under its directory.
+    let pidfile = cluster
+        .dir
+        .path()
+        .join("kubelet/claims/shipinator-workspaces")
+        .join(&id)
+        .join("build/sleep.pid");
+    let mut pid = None;
+    eventually("the step started", || {
+        pid = std::fs::read_to_string(&pidfile)
+            .ok()
+            .and_then(|t| t.trim().parse::<u32>().ok());
+        pid.is_some()
+    })
+    .await;
+    let pid = pid.unwrap();
+    assert_eq!(cluster.jobs("ci").len(), 1);
+    server
+        .post(&format!("/v1/pipeline-runs/{id}/cancel"), json!({}))
+        .await;
+    let run = server.wait(&id).await;
+    assert_eq!(run["status"], "canceled", "{run}");
+    // The executor deleted the Job; the kubelet stopped the worker, which stopped the step.
+    assert!(cluster.jobs("ci").is_empty());
+    assert!(
+        cluster
+            .api
+            .deletes()
+            .iter()
+            .all(|(_, propagation)| propagation.as_deref() == Some("Background"))
+    );
+    eventually("the step's sleep ended", || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        stat.is_empty() || stat.contains(") Z ")
+    })
+    .await;
+}
