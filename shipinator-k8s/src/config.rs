@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 /// The name of the deploy target used when a deploy names none.
 pub const DEFAULT_TARGET: &str = "local";
 
 /// Where the API server is.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "source")]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", tag = "source", deny_unknown_fields)]
 pub enum ClusterSource {
     /// `KUBECONFIG`, `~/.kube/config`, then the in-cluster service account.
     #[default]
@@ -22,12 +22,14 @@ pub enum ClusterSource {
         /// Path of the kubeconfig file.
         path: String,
         /// Context to use instead of the file's current context.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         context: Option<String>,
     },
 }
 
 /// Compute resources of the step container, as Kubernetes quantities (`"500m"`, `"1Gi"`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct Resources {
     /// Requests, by resource name (`cpu`, `memory`).
@@ -37,7 +39,8 @@ pub struct Resources {
 }
 
 /// A toleration of the pods of executions.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct Toleration {
     /// Taint key; empty with operator `Exists` matches every taint.
@@ -54,7 +57,8 @@ pub struct Toleration {
 /// mode `ReadWriteMany`) whose `<sub_path_prefix>/<run-id>` directory is mounted as `subPath`
 /// at `/workspaces/<run-id>`, so the steps of a stage, each in its own pod, see each other's
 /// files in `/workspaces/<run-id>/<stage>`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct WorkspaceVolume {
     /// The claim's name, in the executions namespace.
     pub claim_name: String,
@@ -64,7 +68,8 @@ pub struct WorkspaceVolume {
 }
 
 /// A deploy target (`[targets.<name>]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct TargetConfig {
     /// Namespaces a deploy to this target may touch; empty allows none.
@@ -74,7 +79,8 @@ pub struct TargetConfig {
 }
 
 /// Settings of [`K8sExecutor`](crate::K8sExecutor) (`[kubernetes]`).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 #[serde(default)]
 pub struct K8sConfig {
     /// How to reach the API server (used by the server; a builder given a client ignores it).
@@ -113,6 +119,10 @@ pub struct K8sConfig {
     pub targets: BTreeMap<String, TargetConfig>,
     /// Client-side limit on API requests per second (the long-lived watches excepted).
     pub max_requests_per_second: Option<u32>,
+    /// How often the embedding server runs [`K8sExecutor::sweep_orphans`](crate::K8sExecutor::sweep_orphans)
+    /// after the sweep at start (the executor does not schedule sweeps itself).
+    #[serde(with = "secs")]
+    pub orphan_sweep_interval: Duration,
 }
 
 impl Default for K8sConfig {
@@ -135,6 +145,7 @@ impl Default for K8sConfig {
             image_pull_bound: Duration::from_secs(300),
             targets: BTreeMap::new(),
             max_requests_per_second: None,
+            orphan_sweep_interval: Duration::from_secs(300),
         }
     }
 }
@@ -142,9 +153,13 @@ impl Default for K8sConfig {
 mod secs {
     use std::time::Duration;
 
-    use serde::{Deserialize, Deserializer};
+    use serde::{Deserialize, Deserializer, Serializer};
 
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         u64::deserialize(d).map(Duration::from_secs)
+    }
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(d.as_secs())
     }
 }

@@ -751,27 +751,36 @@ impl K8sExecutor {
     }
 
     /// Deletes the Jobs of runs for which `is_terminal` holds (the orphan sweep); returns how
-    /// many were deleted.
+    /// many were deleted. `is_terminal` is asked once per run (typically a store lookup); a
+    /// run it does not know should be answered `false`, so Jobs of another installation
+    /// sharing the namespace are left alone.
     ///
     /// # Errors
     /// `Unavailable` when the API server cannot be reached.
-    pub async fn sweep_orphans(
-        &self,
-        is_terminal: impl Fn(RunId) -> bool + Send + Sync,
-    ) -> Result<usize, ExecutorError> {
+    pub async fn sweep_orphans<F, Fut>(&self, is_terminal: F) -> Result<usize, ExecutorError>
+    where
+        F: Fn(RunId) -> Fut + Send + Sync,
+        Fut: std::future::Future<Output = bool> + Send,
+    {
         let shared = &self.inner.shared;
         let mut deleted = 0;
+        let mut known = HashMap::new();
         for ns in watched_namespaces(&shared.config) {
-            deleted += self.sweep_namespace(&ns, &is_terminal).await?;
+            deleted += self.sweep_namespace(&ns, &is_terminal, &mut known).await?;
         }
         Ok(deleted)
     }
 
-    async fn sweep_namespace(
+    async fn sweep_namespace<F, Fut>(
         &self,
         ns: &str,
-        is_terminal: &(impl Fn(RunId) -> bool + Send + Sync),
-    ) -> Result<usize, ExecutorError> {
+        is_terminal: &F,
+        known: &mut HashMap<RunId, bool>,
+    ) -> Result<usize, ExecutorError>
+    where
+        F: Fn(RunId) -> Fut + Send + Sync,
+        Fut: std::future::Future<Output = bool> + Send,
+    {
         let shared = &self.inner.shared;
         let jobs = shared.jobs(ns);
         shared.throttle.permit().await;
@@ -790,7 +799,18 @@ impl K8sExecutor {
             let (Some(run), Some(name)) = (run, meta.metadata.name) else {
                 continue;
             };
-            if meta.metadata.deletion_timestamp.is_some() || !is_terminal(run) {
+            if meta.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let terminal = match known.get(&run) {
+                Some(t) => *t,
+                None => {
+                    let t = is_terminal(run).await;
+                    known.insert(run, t);
+                    t
+                }
+            };
+            if !terminal {
                 continue;
             }
             shared.throttle.permit().await;

@@ -27,12 +27,16 @@
 //!
 //! # Features
 //! - `rustls-tls` (default): TLS to the API server with rustls.
+//! - `testing`: [`testing::FakeApi`], an in-process fake API server whose simulated kubelet
+//!   can run pods as local processes.
 
 mod config;
 mod error;
 mod executor;
 mod manifest;
 mod status;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use config::{
     ClusterSource, DEFAULT_TARGET, K8sConfig, Resources, TargetConfig, Toleration, WorkspaceVolume,

@@ -91,17 +91,20 @@ pub fn job_namespace(cfg: &K8sConfig, spec: &ExecutionSpec) -> Result<String, Er
         .env
         .get("SHIPINATOR_DEPLOY_TARGET")
         .map_or(DEFAULT_TARGET, String::as_str);
-    let target = cfg
-        .targets
-        .get(target_name)
-        .ok_or_else(|| rejected(format!("deploy target '{target_name}' is not configured")))?;
+    let target = cfg.targets.get(target_name).ok_or_else(|| {
+        rejected(format!(
+            "deploy target '{target_name}' is not configured (no [targets.{target_name}])"
+        ))
+    })?;
     let namespace = spec
         .env
         .get("SHIPINATOR_DEPLOY_NAMESPACE")
         .map_or("", String::as_str);
     if !target.namespaces.iter().any(|n| n == namespace) {
         return Err(rejected(format!(
-            "namespace '{namespace}' is not allowed for target '{target_name}'"
+            "namespace '{namespace}' is not allowed for target '{target_name}' \
+             (targets.{target_name}.namespaces: {:?})",
+            target.namespaces
         )));
     }
     Ok(namespace.to_owned())

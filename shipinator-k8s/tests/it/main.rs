@@ -1,6 +1,6 @@
 //! Tests of the Kubernetes executor against an in-process fake API server.
 
-mod fake_api;
+mod kubelet;
 mod manifest;
 mod real_cluster;
 mod scenarios;
@@ -8,9 +8,9 @@ mod scenarios;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fake_api::FakeApi;
 use shipinator_core::conformance::executor::{self as conformance, ExecutorCaps, ExecutorHarness};
 use shipinator_core::executor::{ExecutionSpec, Executor};
+use shipinator_k8s::testing::FakeApi;
 use shipinator_k8s::{K8sExecutor, K8sExecutorBuilder};
 
 /// A spec with fresh ids whose fake pod behaves as `behaviour` (see `fake_api`).

@@ -274,7 +274,16 @@ fn deploy_job_uses_the_target_service_account() -> anyhow::Result<()> {
     let err = job_manifest(&cfg, &spec, None).err().map(|e| e.to_string());
     expect![[r#"
         Some(
-            "execution 3414f5a9-7e4e-58f5-b37f-d45011abd746 rejected: namespace 'kube-system' is not allowed for target 'local'",
+            "execution 3414f5a9-7e4e-58f5-b37f-d45011abd746 rejected: namespace 'kube-system' is not allowed for target 'local' (targets.local.namespaces: [\"staging\"])",
+        )
+    "#]].assert_debug_eq(&err);
+
+    spec.env
+        .insert("SHIPINATOR_DEPLOY_TARGET".to_owned(), "prod".to_owned());
+    let err = job_manifest(&cfg, &spec, None).err().map(|e| e.to_string());
+    expect![[r#"
+        Some(
+            "execution 3414f5a9-7e4e-58f5-b37f-d45011abd746 rejected: deploy target 'prod' is not configured (no [targets.prod])",
         )
     "#]].assert_debug_eq(&err);
     Ok(())
@@ -322,7 +331,7 @@ fn config_reads_from_the_documented_shape() -> anyhow::Result<()> {
 /// role grants what the executor calls.
 #[test]
 fn deploy_manifests_parse_into_their_types() -> anyhow::Result<()> {
-    use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, ServiceAccount};
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, PersistentVolumeClaim, ServiceAccount};
     use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
@@ -344,6 +353,10 @@ fn deploy_manifests_parse_into_their_types() -> anyhow::Result<()> {
                 serde_json::from_value::<PersistentVolumeClaim>(value).map(drop)
             }
             "RoleBinding" => serde_json::from_value::<RoleBinding>(value).map(drop),
+            // The server's configuration; shipinator-server's tests parse its server.toml.
+            "ConfigMap" => serde_json::from_value::<ConfigMap>(value).map(|cm| {
+                assert!(cm.data.iter().flatten().any(|(k, _)| k == "server.toml"));
+            }),
             "Role" => serde_json::from_value::<Role>(value.clone()).map(|role| {
                 let grants = |group: &str, resource: &str, verb: &str| {
                     role.rules.iter().flatten().any(|r| {
@@ -373,6 +386,7 @@ fn deploy_manifests_parse_into_their_types() -> anyhow::Result<()> {
             "RoleBinding",
             "ServiceAccount",
             "PersistentVolumeClaim",
+            "ConfigMap",
         ]
     "#]]
     .assert_debug_eq(&kinds);

@@ -151,7 +151,9 @@ async fn real_cluster() -> anyhow::Result<()> {
         "{err:?}"
     );
 
-    let swept = ex.sweep_orphans(|r| runs.contains(&r)).await?;
+    let swept = ex
+        .sweep_orphans(|r| std::future::ready(runs.contains(&r)))
+        .await?;
     eprintln!("swept {swept} jobs");
     Ok(())
 }

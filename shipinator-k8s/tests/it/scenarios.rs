@@ -12,8 +12,8 @@ use shipinator_core::executor::{
 };
 use shipinator_k8s::{K8sExecutor, job_name};
 
-use crate::fake_api::{FakeApi, Kind};
 use crate::{executor_on, executor_with, spec};
+use shipinator_k8s::testing::{FakeApi, Kind};
 
 const BOUND: Duration = Duration::from_secs(60);
 
@@ -385,7 +385,7 @@ async fn the_orphan_sweep_deletes_jobs_of_terminal_runs() -> anyhow::Result<()> 
     ex.submit(&a).await?;
     ex.submit(&b).await?;
     let done = a.run_id;
-    assert_eq!(ex.sweep_orphans(|run| run == done).await?, 1);
+    assert_eq!(ex.sweep_orphans(|run| async move { run == done }).await?, 1);
     assert_eq!(api.names(Kind::Job), vec![job_name(b.execution_id)]);
     Ok(())
 }

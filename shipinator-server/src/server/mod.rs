@@ -133,6 +133,8 @@ pub(crate) struct Backends {
     pub(crate) artifacts: Arc<dyn ArtifactStore>,
     pub(crate) logs: Arc<dyn LogStore>,
     pub(crate) executor: Arc<dyn Executor>,
+    /// The executor again when it is the Kubernetes one: `run` sweeps its orphans.
+    pub(crate) kubernetes: Option<shipinator_k8s::K8sExecutor>,
 }
 
 /// Opens the store a configuration names (migrating it).
@@ -199,6 +201,7 @@ pub(crate) async fn open_backends(config: &ServerConfig) -> anyhow::Result<Backe
         shipinator_nfs::FsLogStore::new(&logs_base)
             .with_context(|| format!("opening the log store under {}", logs_base.display()))?,
     );
+    let mut kubernetes = None;
     let executor: Arc<dyn Executor> = match config.executor {
         config::ExecutorConfig::Local => Arc::new(
             shipinator_local::LocalExecutor::builder(data.root())
@@ -221,13 +224,107 @@ pub(crate) async fn open_backends(config: &ServerConfig) -> anyhow::Result<Backe
                 Arc::clone(&logs),
             )?)
         }
+        config::ExecutorConfig::Kubernetes => {
+            let secret: Arc<[u8]> = Arc::from(load_or_create_secret(&config.secret_file())?);
+            let executor = open_kubernetes(config, secret).await?;
+            kubernetes = Some(executor.clone());
+            Arc::new(executor)
+        }
     };
     Ok(Backends {
         store,
         artifacts,
         logs,
         executor,
+        kubernetes,
     })
+}
+
+/// The Kubernetes executor of `[kubernetes]` and `[targets.<name>]`, each Job's worker given
+/// its execution's token, after it took over the Jobs of a previous life of the server.
+async fn open_kubernetes(
+    config: &ServerConfig,
+    secret: Arc<[u8]>,
+) -> anyhow::Result<shipinator_k8s::K8sExecutor> {
+    let k8s = config.k8s_config(&format!("http://{}", config.listen));
+    if !k8s.targets.contains_key(shipinator_k8s::DEFAULT_TARGET) {
+        tracing::warn!(
+            "no [targets.{}] is configured: deploys to the default target will be refused",
+            shipinator_k8s::DEFAULT_TARGET
+        );
+    }
+    let source = match &k8s.cluster {
+        shipinator_k8s::ClusterSource::Infer => {
+            "inferred (KUBECONFIG, ~/.kube/config, in-cluster)".to_owned()
+        }
+        shipinator_k8s::ClusterSource::InCluster => "in-cluster service account".to_owned(),
+        shipinator_k8s::ClusterSource::Kubeconfig { path, .. } => format!("kubeconfig {path}"),
+    };
+    let executor = shipinator_k8s::K8sExecutorBuilder::from_config(k8s)
+        .await
+        .with_context(|| format!("kubernetes.cluster: configuring the API client ({source})"))?
+        .token_provider(move |spec| Some(auth::execution_token(&secret, spec.execution_id)))
+        .build()
+        .context("starting the Kubernetes executor ([kubernetes])")?;
+    // One list per namespace fills the executor's cache: the driver's reconciliation of the
+    // runs it claims then reads each execution's state from it (Jobs that finished while the
+    // server was away included) instead of asking for each Job.
+    match executor.adopt().await {
+        Ok(adopted) => {
+            let finished = adopted.iter().filter(|(_, s)| s.is_terminal()).count();
+            tracing::info!(
+                jobs = adopted.len(),
+                finished,
+                "adopted the Jobs of earlier server processes"
+            );
+        }
+        Err(e) => tracing::warn!(
+            error = %shipinator_local::error_chain(&e),
+            "cannot list the executor's Jobs; the driver's status checks will find them"
+        ),
+    }
+    Ok(executor)
+}
+
+/// Deletes the Jobs of ended runs now and then every `orphan_sweep_interval`, one sweep at a
+/// time, each bounded by that interval.
+async fn sweep_orphans(executor: shipinator_k8s::K8sExecutor, store: Arc<dyn Store>) {
+    let period = executor
+        .config()
+        .orphan_sweep_interval
+        .max(Duration::from_secs(1));
+    let mut interval = tokio::time::interval(period);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        interval.tick().await;
+        let store = Arc::clone(&store);
+        let sweep = executor.sweep_orphans(move |run| {
+            let store = Arc::clone(&store);
+            async move {
+                match store.get_run(run).await {
+                    Ok(r) => r.status.is_terminal(),
+                    // Not ours (another installation sharing the namespace), or unknown now.
+                    Err(e) => {
+                        tracing::debug!(run_id = %run, error = %shipinator_local::error_chain(&e), "orphan sweep: run not read; its Jobs stay");
+                        false
+                    }
+                }
+            }
+        });
+        match tokio::time::timeout(period, sweep).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => {
+                tracing::info!(deleted = n, "orphan sweep: deleted the Jobs of ended runs")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %shipinator_local::error_chain(&e), "orphan sweep failed")
+            }
+            Err(_) => tracing::warn!(
+                seconds = period.as_secs(),
+                "orphan sweep took longer than its interval; stopped"
+            ),
+        }
+    }
 }
 
 /// Writes `contents` to a new file readable only by its owner.
@@ -358,6 +455,10 @@ pub(crate) async fn run(mut config: ServerConfig) -> anyhow::Result<()> {
     };
     bootstrap_admin(&state, &config.data_dir).await?;
     let event_metrics = metrics::spawn_event_metrics(&driver);
+    let sweeper = backends
+        .kubernetes
+        .clone()
+        .map(|k8s| tokio::spawn(sweep_orphans(k8s, Arc::clone(&backends.store))));
     let app = router(state);
 
     tracing::info!(%addr, %public_url, store = backends.store.backend(), executor = backends.executor.kind(), "serving");
@@ -405,6 +506,9 @@ pub(crate) async fn run(mut config: ServerConfig) -> anyhow::Result<()> {
         }
     }
     event_metrics.abort();
+    if let Some(sweeper) = sweeper {
+        sweeper.abort();
+    }
     drop(backends.store);
     tracing::info!("stopped");
     served

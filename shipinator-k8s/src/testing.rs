@@ -1,14 +1,23 @@
-//! An in-process fake Kubernetes API server speaking the REST protocol over HTTP on
-//! 127.0.0.1, for the calls the executor makes: create/get/list/watch/delete Jobs, list and
-//! watch pods, pod logs, with label selectors, resourceVersions, 409 AlreadyExists and
+//! An in-process fake Kubernetes API server (feature `testing`) speaking the REST protocol over
+//! HTTP on 127.0.0.1, for the calls the executor makes: create/get/list/watch/delete Jobs, list
+//! and watch pods, pod logs, with label selectors, resourceVersions, 409 AlreadyExists and
 //! 410 Gone. Objects are built from k8s-openapi types and stored as JSON (so a test can
-//! plant a malformed one). A simulated kubelet moves each Job through its conditions
-//! according to the `FAKE_KUBELET` env var of its step container:
-//! `succeed` (default), `fail:<code>`, `run`, `deadline`, `pull`, `manual`.
+//! plant a malformed one). Not semver-stable; for tests, like `shipinator-postgres`'s
+//! `testing` feature.
+//!
+//! Its simulated kubelet works in one of two ways:
+//! - **scripted** ([`FakeApi::start`]): each Job moves through its conditions according to
+//!   the `FAKE_KUBELET` env var of its step container: `succeed` (default), `fail:<code>`,
+//!   `run`, `deadline`, `pull`, `manual`;
+//! - **processes** ([`FakeApi::start_with`] and a [`ProcessKubelet`]): each pod's containers
+//!   really run, as local processes (see [`ProcessKubelet`]), and the pod and Job report how
+//!   they ended, with the container's termination message and its output as the pod log.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, Bytes};
@@ -18,8 +27,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use k8s_openapi::api::batch::v1::{Job, JobCondition, JobStatus};
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
-    ContainerStatus, Pod, PodCondition, PodStatus,
+    Container, ContainerState, ContainerStateRunning, ContainerStateTerminated,
+    ContainerStateWaiting, ContainerStatus, Pod, PodCondition, PodStatus, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
     ListMeta, ObjectMeta, OwnerReference, Status, StatusDetails, WatchEvent,
@@ -27,10 +36,14 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{
 use serde_json::{Value, json};
 use tokio::sync::broadcast;
 
+use crate::Error;
+
 /// Object kinds the fake serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub(crate) enum Kind {
+pub enum Kind {
+    /// `batch/v1` Jobs.
     Job,
+    /// `v1` pods.
     Pod,
 }
 
@@ -69,14 +82,19 @@ struct Store {
 
 /// The fake API server.
 #[derive(Debug, Clone)]
-pub(crate) struct FakeApi {
+pub struct FakeApi {
     store: Arc<Mutex<Store>>,
     changes: broadcast::Sender<Option<Change>>,
+    /// Runs pods as local processes, when set.
+    kubelet: Option<Arc<ProcessKubelet>>,
+    /// The running pods' processes, by pod name: dropping the sender stops the pod.
+    procs: Arc<Mutex<HashMap<String, tokio::sync::oneshot::Sender<()>>>>,
     /// Whether watch requests are answered (false: they wait, like a partitioned network).
     gate: Arc<tokio::sync::watch::Sender<bool>>,
     /// Bumped on every change and log append, for followed logs.
     ticks: Arc<tokio::sync::watch::Sender<u64>>,
-    pub(crate) url: String,
+    /// The server's base URL (`http://127.0.0.1:<port>`).
+    pub url: String,
 }
 
 fn now_time() -> k8s_openapi::apimachinery::pkg::apis::meta::v1::Time {
@@ -135,8 +153,24 @@ fn selector_matches(selector: Option<&str>, labels: &BTreeMap<String, String>) -
 }
 
 impl FakeApi {
-    /// Starts the server on an ephemeral port.
-    pub(crate) async fn start() -> anyhow::Result<Self> {
+    /// Starts the server on an ephemeral port, with the scripted kubelet.
+    ///
+    /// # Errors
+    /// The port cannot be bound.
+    pub async fn start() -> std::io::Result<Self> {
+        Self::start_inner(None).await
+    }
+
+    /// Starts the server on an ephemeral port; `kubelet` runs every pod as local processes.
+    ///
+    /// # Errors
+    /// The port cannot be bound, or the kubelet's directory cannot be created.
+    pub async fn start_with(kubelet: ProcessKubelet) -> std::io::Result<Self> {
+        std::fs::create_dir_all(&kubelet.root)?;
+        Self::start_inner(Some(Arc::new(kubelet))).await
+    }
+
+    async fn start_inner(kubelet: Option<Arc<ProcessKubelet>>) -> std::io::Result<Self> {
         let (changes, _) = broadcast::channel(65_536);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
@@ -145,6 +179,8 @@ impl FakeApi {
             changes,
             gate: Arc::new(tokio::sync::watch::Sender::new(true)),
             ticks: Arc::new(tokio::sync::watch::Sender::new(0)),
+            kubelet,
+            procs: Arc::default(),
             url,
         };
         let app = Router::new()
@@ -166,10 +202,28 @@ impl FakeApi {
     }
 
     /// A kube client against this server.
-    pub(crate) fn client(&self) -> anyhow::Result<kube::Client> {
-        let config = kube::Config::new(self.url.parse()?);
-        shipinator_k8s::install_crypto_provider();
-        Ok(kube::Client::try_from(config)?)
+    ///
+    /// # Errors
+    /// [`Error::Client`] when the client cannot be built.
+    pub fn client(&self) -> Result<kube::Client, Error> {
+        let url = self.url.parse().map_err(|e| Error::Client {
+            source: Box::new(e),
+        })?;
+        crate::install_crypto_provider();
+        kube::Client::try_from(kube::Config::new(url)).map_err(|e| Error::Client {
+            source: Box::new(e),
+        })
+    }
+
+    /// A kubeconfig file's text whose current context (`fake`, namespace `namespace`) points
+    /// at this server, without credentials.
+    pub fn kubeconfig(&self, namespace: &str) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {url}\n\
+             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    \
+             cluster: fake\n    user: fake\n    namespace: {namespace}\ncurrent-context: fake\n",
+            url = self.url
+        )
     }
 
     fn store(&self) -> MutexGuard<'_, Store> {
@@ -183,33 +237,33 @@ impl FakeApi {
     }
 
     /// Requests served, by `"<VERB> <plural>"`.
-    pub(crate) fn requests(&self) -> BTreeMap<String, u64> {
+    pub fn requests(&self) -> BTreeMap<String, u64> {
         self.store().requests.clone()
     }
 
     /// All requests served.
-    pub(crate) fn total_requests(&self) -> u64 {
+    pub fn total_requests(&self) -> u64 {
         self.store().requests.values().sum()
     }
 
     /// The next create stores its Job, then fails with `code` (500: an error the client does
     /// not retry; 504: a timeout it retries).
-    pub(crate) fn fail_next_create(&self, code: u16) {
+    pub fn fail_next_create(&self, code: u16) {
         self.store().fail_next_create = Some(code);
     }
 
     /// The next create stores its Job, then never answers (the client times out).
-    pub(crate) fn hang_next_create(&self) {
+    pub fn hang_next_create(&self) {
         self.store().hang_next_create = true;
     }
 
     /// Deletes seen: (name, propagationPolicy).
-    pub(crate) fn deletes(&self) -> Vec<(String, Option<String>)> {
+    pub fn deletes(&self) -> Vec<(String, Option<String>)> {
         self.store().deletes.clone()
     }
 
     /// Names of stored objects of `kind`.
-    pub(crate) fn names(&self, kind: Kind) -> Vec<String> {
+    pub fn names(&self, kind: Kind) -> Vec<String> {
         self.store()
             .objects
             .keys()
@@ -219,36 +273,36 @@ impl FakeApi {
     }
 
     /// A stored object.
-    pub(crate) fn object(&self, kind: Kind, name: &str) -> Option<Value> {
+    pub fn object(&self, kind: Kind, name: &str) -> Option<Value> {
         self.store().objects.get(&(kind, name.to_owned())).cloned()
     }
 
     /// Forgets history up to now: watches from an older resourceVersion get 410 Gone.
-    pub(crate) fn compact(&self) {
+    pub fn compact(&self) {
         let mut s = self.store();
         s.compacted_below = s.rv + 1;
         s.history.clear();
     }
 
     /// Ends every open watch stream (as a dropped connection would).
-    pub(crate) fn drop_watches(&self) {
+    pub fn drop_watches(&self) {
         let _ = self.changes.send(None);
     }
 
     /// Ends every open watch stream and holds new watch requests until
     /// [`FakeApi::release_watches`].
-    pub(crate) fn hold_watches(&self) {
+    pub fn hold_watches(&self) {
         self.gate.send_replace(false);
         self.drop_watches();
     }
 
     /// Answers held and new watch requests again.
-    pub(crate) fn release_watches(&self) {
+    pub fn release_watches(&self) {
         self.gate.send_replace(true);
     }
 
     /// Stores `object` (created if new), recording the change and notifying watches.
-    pub(crate) fn put(&self, kind: Kind, mut object: Value) -> Value {
+    pub fn put(&self, kind: Kind, mut object: Value) -> Value {
         let mut s = self.store();
         s.rv += 1;
         let rv = s.rv;
@@ -277,7 +331,7 @@ impl FakeApi {
     }
 
     /// Removes an object, recording a DELETED change.
-    pub(crate) fn remove(&self, kind: Kind, name: &str) -> Option<Value> {
+    pub fn remove(&self, kind: Kind, name: &str) -> Option<Value> {
         let mut s = self.store();
         let mut object = s.objects.remove(&(kind, name.to_owned()))?;
         s.rv += 1;
@@ -297,10 +351,42 @@ impl FakeApi {
     }
 
     /// The step container of `job`'s pod prints `line`.
-    pub(crate) fn append_log(&self, job: &str, line: &str) {
+    pub fn append_log(&self, job: &str, line: &str) {
         if let Some(name) = self.pod_of(job).and_then(|p| p.metadata.name) {
+            self.append_pod_log(&name, line);
+        }
+    }
+
+    /// The log of pod `name` (its step container's output) so far.
+    pub fn pod_log(&self, name: &str) -> String {
+        self.store().logs.get(name).cloned().unwrap_or_default()
+    }
+
+    /// The name of `job`'s pod, once it has one.
+    pub fn pod_name(&self, job: &str) -> Option<String> {
+        self.pod_of(job).and_then(|p| p.metadata.name)
+    }
+
+    /// Creates a Job as `POST .../namespaces/<namespace>/jobs` would (`job` is its JSON),
+    /// and starts its pod. Returns the stored Job, or the error status.
+    ///
+    /// # Errors
+    /// The Job does not parse, or one with its name exists (the `Status` object as JSON).
+    pub async fn create_job(&self, namespace: &str, job: &Value) -> Result<Value, Value> {
+        let body = Bytes::from(serde_json::to_vec(job).unwrap_or_default());
+        let response = create_job(State(self.clone()), Path(namespace.to_owned()), body).await;
+        let ok = response.status().is_success();
+        let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .unwrap_or_default();
+        let value: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if ok { Ok(value) } else { Err(value) }
+    }
+
+    fn append_pod_log(&self, name: &str, line: &str) {
+        {
             let mut s = self.store();
-            let log = s.logs.entry(name).or_default();
+            let log = s.logs.entry(name.to_owned()).or_default();
             if !log.is_empty() && !log.ends_with('\n') {
                 log.push('\n');
             }
@@ -410,6 +496,18 @@ impl FakeApi {
             ..JobStatus::default()
         });
         self.put_job(&job);
+        if let Some(kubelet) = &self.kubelet {
+            let (stop, stopped) = tokio::sync::oneshot::channel();
+            lock(&self.procs).insert(pod_name.clone(), stop);
+            tokio::spawn(run_pod(
+                self.clone(),
+                Arc::clone(kubelet),
+                name,
+                pod,
+                stopped,
+            ));
+            return;
+        }
         if let Some(lines) = env.get("FAKE_STDOUT") {
             self.store().logs.insert(pod_name, lines.clone());
         }
@@ -450,7 +548,7 @@ impl FakeApi {
     }
 
     /// The step container starts running.
-    pub(crate) fn run(&self, job: &str) {
+    pub fn run(&self, job: &str) {
         self.set_step_state(
             job,
             "Running",
@@ -495,7 +593,13 @@ impl FakeApi {
     }
 
     /// The step container exits with `code`; the Job completes or fails.
-    pub(crate) fn finish(&self, job: &str, code: i32) {
+    pub fn finish(&self, job: &str, code: i32) {
+        self.finish_with_message(job, code, None);
+    }
+
+    /// The step container exits with `code` and termination message `message`; the Job
+    /// completes or fails.
+    pub fn finish_with_message(&self, job: &str, code: i32, message: Option<String>) {
         self.set_step_state(
             job,
             if code == 0 { "Succeeded" } else { "Failed" },
@@ -503,6 +607,8 @@ impl FakeApi {
                 terminated: Some(ContainerStateTerminated {
                     exit_code: code,
                     reason: Some(if code == 0 { "Completed" } else { "Error" }.to_owned()),
+                    message,
+                    finished_at: Some(now_time()),
                     ..ContainerStateTerminated::default()
                 }),
                 ..ContainerState::default()
@@ -530,7 +636,7 @@ impl FakeApi {
     }
 
     /// The Job exceeds its active deadline; its pod is killed.
-    pub(crate) fn deadline(&self, job: &str) {
+    pub fn deadline(&self, job: &str) {
         self.set_step_state(
             job,
             "Failed",
@@ -554,7 +660,7 @@ impl FakeApi {
     }
 
     /// The step image cannot be pulled.
-    pub(crate) fn pull_error(&self, job: &str) {
+    pub fn pull_error(&self, job: &str) {
         self.set_step_state(
             job,
             "Pending",
@@ -569,7 +675,7 @@ impl FakeApi {
     }
 
     /// The pod is evicted (node pressure); the Job fails.
-    pub(crate) fn evict(&self, job: &str) {
+    pub fn evict(&self, job: &str) {
         if let Some(mut pod) = self.pod_of(job) {
             let status = pod.status.get_or_insert_with(PodStatus::default);
             status.phase = Some("Failed".to_owned());
@@ -594,7 +700,7 @@ impl FakeApi {
     }
 
     /// The pod is deleted (by a person or the pod GC); the Job fails.
-    pub(crate) fn delete_pod(&self, job: &str) {
+    pub fn delete_pod(&self, job: &str) {
         if let Some(pod) = self.pod_of(job)
             && let Some(name) = pod.metadata.name
         {
@@ -863,6 +969,10 @@ async fn delete_job(
             .collect()
     };
     for p in pods {
+        // The kubelet stops the pod's containers.
+        if let Some(stop) = lock(&api.procs).remove(&p) {
+            let _ = stop.send(());
+        }
         api.remove(Kind::Pod, &p);
     }
     status_response(200, "", String::new(), &name, Kind::Job)
@@ -905,4 +1015,338 @@ async fn pod_log(
         }
     });
     Response::new(Body::from_stream(stream))
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+// -------------------------------------------------------------------- the process kubelet
+
+/// The kubelet of [`FakeApi::start_with`]: runs each pod's init containers in order, then its
+/// first container, as local processes, without isolation (the host's tools, network and
+/// files).
+///
+/// A container sees its volumes at their mount paths: each absolute path in its command,
+/// arguments, working directory and env values is rewritten to the host path standing for
+/// it, namely
+/// - under a volume mount: an `emptyDir` is `<root>/pods/<pod>/volumes/<volume>`, a
+///   `PersistentVolumeClaim` is `<root>/claims/<claim>` (shared by every pod), and the mount's
+///   `subPath` is a directory inside it;
+/// - the termination message path `/dev/termination-log`: `<root>/pods/<pod>/termination-log`;
+/// - a file that exists in the container's image: an image is a host directory standing for
+///   its root filesystem ([`ProcessKubelet::image`]);
+///
+/// and any other path is the host's. `TMPDIR` is the pod's own `<root>/pods/<pod>/tmp`. The
+/// step container's stdout and stderr become the pod log. When it exits, the pod and the Job
+/// end as on a cluster (`Complete`, or `Failed` with `BackoffLimitExceeded`), with the first
+/// 4096 bytes of the termination message file as the container status's `message`. Deleting
+/// the Job sends the container SIGTERM, then SIGKILL after the grace period.
+#[derive(Debug, Clone)]
+pub struct ProcessKubelet {
+    root: PathBuf,
+    images: BTreeMap<String, PathBuf>,
+    env: Vec<(String, String)>,
+    grace: Duration,
+}
+
+/// The kubelet keeps at most this much of a termination message.
+const TERMINATION_MESSAGE_BYTES: usize = 4096;
+
+impl ProcessKubelet {
+    /// A kubelet keeping pods' directories and claims under `root`; containers get `PATH` and
+    /// `HOME` of this process (what an image would set).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        let env = ["PATH", "HOME"]
+            .into_iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.to_owned(), v)))
+            .collect();
+        Self {
+            root: root.into(),
+            images: BTreeMap::new(),
+            env,
+            grace: Duration::from_secs(10),
+        }
+    }
+
+    /// Image `name`'s root filesystem is the host directory `dir`.
+    #[must_use]
+    pub fn image(mut self, name: impl Into<String>, dir: impl Into<PathBuf>) -> Self {
+        self.images.insert(name.into(), dir.into());
+        self
+    }
+
+    /// Every container also gets `name=value`.
+    #[must_use]
+    pub fn env(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Time between SIGTERM and SIGKILL when a pod is stopped (default 10 s).
+    #[must_use]
+    pub fn grace_period(mut self, grace: Duration) -> Self {
+        self.grace = grace;
+        self
+    }
+
+    fn pod_dir(&self, pod: &str) -> PathBuf {
+        self.root.join("pods").join(pod)
+    }
+}
+
+/// How one container's paths map to host paths.
+#[derive(Debug)]
+struct ContainerFs {
+    /// (mount path in the container, host directory), longest mount path first.
+    mounts: Vec<(String, PathBuf)>,
+    image_root: Option<PathBuf>,
+    termination: PathBuf,
+}
+
+impl ContainerFs {
+    fn new(
+        kubelet: &ProcessKubelet,
+        pod_name: &str,
+        volumes: &[Volume],
+        container: &Container,
+    ) -> std::io::Result<Self> {
+        let pod_dir = kubelet.pod_dir(pod_name);
+        let mut mounts = Vec::new();
+        for m in container.volume_mounts.iter().flatten() {
+            let Some(volume) = volumes.iter().find(|v| v.name == m.name) else {
+                return Err(std::io::Error::other(format!(
+                    "container {} mounts volume {} that the pod does not have",
+                    container.name, m.name
+                )));
+            };
+            let mut host = match &volume.persistent_volume_claim {
+                Some(pvc) => kubelet.root.join("claims").join(&pvc.claim_name),
+                None => pod_dir.join("volumes").join(&volume.name),
+            };
+            if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+                host = host.join(sub.trim_start_matches('/'));
+            }
+            std::fs::create_dir_all(&host)?;
+            mounts.push((m.mount_path.trim_end_matches('/').to_owned(), host));
+        }
+        mounts.sort_by_key(|(path, _)| std::cmp::Reverse(path.len()));
+        let image_root = container
+            .image
+            .as_ref()
+            .and_then(|i| kubelet.images.get(i))
+            .cloned();
+        Ok(Self {
+            mounts,
+            image_root,
+            termination: pod_dir.join("termination-log"),
+        })
+    }
+
+    /// The host path standing for `path` in the container, if it is one.
+    fn host_path(&self, path: &str) -> Option<PathBuf> {
+        if !path.starts_with('/') {
+            return None;
+        }
+        if path == crate::TERMINATION_LOG {
+            return Some(self.termination.clone());
+        }
+        for (mount, host) in &self.mounts {
+            if path == mount {
+                return Some(host.clone());
+            }
+            if let Some(rest) = path.strip_prefix(mount.as_str())
+                && let Some(rest) = rest.strip_prefix('/')
+            {
+                return Some(host.join(rest));
+            }
+        }
+        let root = self.image_root.as_ref()?;
+        let candidate = root.join(path.trim_start_matches('/'));
+        candidate.exists().then_some(candidate)
+    }
+
+    fn translate(&self, text: &str) -> String {
+        self.host_path(text)
+            .map_or_else(|| text.to_owned(), |p| p.to_string_lossy().into_owned())
+    }
+}
+
+/// Starts `container` of pod `pod_name`.
+fn start_container(
+    kubelet: &ProcessKubelet,
+    pod_name: &str,
+    volumes: &[Volume],
+    container: &Container,
+) -> std::io::Result<tokio::process::Child> {
+    let fs = ContainerFs::new(kubelet, pod_name, volumes, container)?;
+    let argv: Vec<&String> = container
+        .command
+        .iter()
+        .flatten()
+        .chain(container.args.iter().flatten())
+        .collect();
+    let Some((program, args)) = argv.split_first() else {
+        return Err(std::io::Error::other(format!(
+            "container {} has no command (the image's entrypoint is not simulated)",
+            container.name
+        )));
+    };
+    let tmp = kubelet.pod_dir(pod_name).join("tmp");
+    std::fs::create_dir_all(&tmp)?;
+    let mut cmd = tokio::process::Command::new(fs.translate(program));
+    cmd.args(args.iter().map(|a| fs.translate(a)))
+        .env_clear()
+        .envs(kubelet.env.iter().map(|(k, v)| (k, v)))
+        .env("TMPDIR", &tmp)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for e in container.env.iter().flatten() {
+        cmd.env(
+            &e.name,
+            fs.translate(e.value.as_deref().unwrap_or_default()),
+        );
+    }
+    if let Some(dir) = &container.working_dir {
+        let dir = fs.translate(dir);
+        std::fs::create_dir_all(&dir)?;
+        cmd.current_dir(dir);
+    }
+    cmd.spawn()
+}
+
+/// The exit code a kubelet reports for `status` (128 + the signal when killed by one).
+fn exit_code(status: std::process::ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt as _;
+    status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(-1)
+}
+
+/// Waits for `child`, copying its output to the pod log; on `stop`, SIGTERM, then SIGKILL
+/// after the grace period.
+async fn supervise(
+    api: &FakeApi,
+    pod_name: &str,
+    mut child: tokio::process::Child,
+    grace: Duration,
+    stop: &mut tokio::sync::oneshot::Receiver<()>,
+) -> std::io::Result<(i32, bool)> {
+    use tokio::io::AsyncBufReadExt as _;
+    let mut copies = Vec::new();
+    let out: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = child
+        .stdout
+        .take()
+        .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+    let err: Option<Box<dyn tokio::io::AsyncRead + Unpin + Send>> = child
+        .stderr
+        .take()
+        .map(|s| Box::new(s) as Box<dyn tokio::io::AsyncRead + Unpin + Send>);
+    for reader in [out, err].into_iter().flatten() {
+        let api = api.clone();
+        let pod = pod_name.to_owned();
+        copies.push(tokio::spawn(async move {
+            let mut lines = tokio::io::BufReader::new(reader).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                api.append_pod_log(&pod, &line);
+            }
+        }));
+    }
+    let mut stopped = false;
+    let status = tokio::select! {
+        status = child.wait() => status?,
+        _ = &mut *stop => {
+            stopped = true;
+            if let Some(pid) = child
+                .id()
+                .and_then(|p| i32::try_from(p).ok())
+                .and_then(rustix::process::Pid::from_raw)
+            {
+                let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+            }
+            match tokio::time::timeout(grace, child.wait()).await {
+                Ok(status) => status?,
+                Err(_) => {
+                    child.start_kill()?;
+                    child.wait().await?
+                }
+            }
+        }
+    };
+    for c in copies {
+        let _ = c.await;
+    }
+    Ok((exit_code(status), stopped))
+}
+
+/// Runs pod `pod` of Job `job`: init containers, then the step container.
+async fn run_pod(
+    api: FakeApi,
+    kubelet: Arc<ProcessKubelet>,
+    job: String,
+    pod: Pod,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    let volumes = spec.volumes.clone().unwrap_or_default();
+    let outcome: std::io::Result<Option<i32>> = async {
+        for init in spec.init_containers.iter().flatten() {
+            let child = start_container(&kubelet, &pod_name, &volumes, init)?;
+            let (code, stopped) =
+                supervise(&api, &pod_name, child, kubelet.grace, &mut stop).await?;
+            if stopped {
+                return Ok(None);
+            }
+            if code != 0 {
+                return Err(std::io::Error::other(format!(
+                    "init container {} exited with code {code}",
+                    init.name
+                )));
+            }
+        }
+        let Some(step) = spec.containers.first() else {
+            return Err(std::io::Error::other("the pod has no container"));
+        };
+        let child = start_container(&kubelet, &pod_name, &volumes, step)?;
+        api.run(&job);
+        let (code, stopped) = supervise(&api, &pod_name, child, kubelet.grace, &mut stop).await?;
+        Ok((!stopped).then_some(code))
+    }
+    .await;
+    lock(&api.procs).remove(&pod_name);
+    match outcome {
+        Ok(Some(code)) => {
+            let message = std::fs::read(kubelet.pod_dir(&pod_name).join("termination-log"))
+                .ok()
+                .map(|mut bytes| {
+                    bytes.truncate(TERMINATION_MESSAGE_BYTES);
+                    String::from_utf8_lossy(&bytes).into_owned()
+                })
+                .filter(|m| !m.is_empty());
+            api.finish_with_message(&job, code, message);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            // The step container never ran: the pod fails, and with it the Job.
+            api.append_pod_log(&pod_name, &format!("kubelet: {e}"));
+            if let Some(mut pod) = api.pod_of(&job) {
+                let status = pod.status.get_or_insert_with(PodStatus::default);
+                status.phase = Some("Failed".to_owned());
+                status.message = Some(e.to_string());
+                api.put_pod(&pod);
+            }
+            api.set_conditions(
+                &job,
+                &[
+                    ("FailureTarget", "BackoffLimitExceeded"),
+                    ("Failed", "BackoffLimitExceeded"),
+                ],
+                false,
+            );
+        }
+    }
 }
