@@ -1096,9 +1096,20 @@ async fn worker_endpoints_take_only_a_live_executions_own_token() {
     let token = execution_token(&h.state.secret, execution);
     let tok = Some(token.as_str());
 
-    // Logs: appending the same batch twice stores it once; a gap is a conflict.
+    // Logs: appending the same batch twice stores it once; a gap is a conflict. The local
+    // executor writes this execution's log too: wait for the step's own line ("waiting"), after
+    // which it writes nothing until the step ends, so the next sequence number stays ours.
     let logs = format!("/v1/executions/{execution}/logs");
-    let next = h.state.logs.read(execution, 0, 10_000).await.unwrap().len() as u64;
+    let mut next = 0;
+    for _ in 0..600 {
+        let lines = h.state.logs.read(execution, 0, 10_000).await.unwrap();
+        if lines.iter().any(|l| l.text == "waiting") {
+            next = lines.len() as u64;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(next > 0, "the step never logged its first line");
     let batch = json!({"lines": [
         {"seq": next, "at": 1_700_000_000_000_000_i64, "stream": "stdout", "text": "from worker"},
         {"seq": next + 1, "at": 1_700_000_000_000_001_i64, "stream": "stderr", "text": "again"},
