@@ -27,6 +27,7 @@ use tower_http::trace::TraceLayer;
 
 pub(crate) mod api;
 pub(crate) mod auth;
+pub(crate) mod cache;
 pub(crate) mod config;
 pub(crate) mod dto;
 pub(crate) mod error;
@@ -56,6 +57,10 @@ pub(crate) struct AppState {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Recently verified API tokens.
     pub(crate) tokens: Arc<auth::TokenCache>,
+    /// The project of each pipeline looked up so far (it never changes).
+    pub(crate) pipeline_projects: Arc<cache::PipelineProjects>,
+    /// Runs that have ended (they never change again), as the status read answers them.
+    pub(crate) finished_runs: Arc<cache::FinishedRuns>,
 }
 
 /// The application: every route, with tracing, request ids, timeouts and body limits.
@@ -352,6 +357,10 @@ pub(crate) async fn run(mut config: ServerConfig) -> anyhow::Result<()> {
         idempotency: Arc::new(Mutex::new(())),
         shutdown: stop_rx.clone(),
         tokens: Arc::default(),
+        pipeline_projects: Arc::default(),
+        finished_runs: Arc::new(cache::FinishedRuns::with_capacity(
+            config.limits.finished_run_cache,
+        )),
     };
     bootstrap_admin(&state, &config.data_dir).await?;
     let event_metrics = metrics::spawn_event_metrics(&driver);

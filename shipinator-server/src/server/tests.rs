@@ -24,6 +24,7 @@ use tokio::sync::{Mutex, watch};
 use tower::ServiceExt;
 
 use super::auth::execution_token;
+use super::cache::FinishedRuns;
 use super::config::{Limits, ServerConfig};
 use super::metrics::Metrics;
 use super::{AppState, api, open_backends, router};
@@ -124,6 +125,7 @@ async fn harness(limits: Limits) -> Harness {
     let (_tx, rx) = watch::channel(false);
     // Keep the sender alive for the test's duration.
     std::mem::forget(_tx);
+    let finished_runs = Arc::new(FinishedRuns::with_capacity(limits.finished_run_cache));
     let state = AppState {
         store: backends.store,
         artifacts: backends.artifacts,
@@ -135,6 +137,8 @@ async fn harness(limits: Limits) -> Harness {
         idempotency: Arc::new(Mutex::new(())),
         shutdown: rx,
         tokens: Arc::default(),
+        pipeline_projects: Arc::default(),
+        finished_runs,
     };
     let (admin, _) = api::tokens::issue(
         &state,
@@ -317,6 +321,7 @@ fn small_limits() -> Limits {
         json_body_bytes: 64 * 1024,
         artifact_bytes: 1024 * 1024,
         request_timeout_secs: 30,
+        ..Limits::default()
     }
 }
 
@@ -1182,7 +1187,126 @@ async fn worker_endpoints_take_only_a_live_executions_own_token() {
             Some(json!({"status": "running"})),
         )
         .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    let r = h.call(Method::POST, &logs, tok, Some(batch)).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_report_is_acknowledged_once_committed_and_again_when_repeated() {
+    use shipinator_core::domain::Status;
+    let h = harness(small_limits()).await;
+    let (_, pipeline, _repo, commit) = h.pipeline("report", SLOW).await;
+    let run = h.trigger(pipeline, &commit).await;
+    let (execution, _) = h.running_execution(run).await;
+    let token = execution_token(&h.state.secret, execution);
+    let tok = Some(token.as_str());
+    let status = format!("/v1/executions/{execution}/status");
+    let report = json!({"status": "failed", "exit_code": 3});
+
+    let r = h
+        .call(Method::POST, &status, tok, Some(report.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    // A 2xx means recorded: the store already holds the result when the answer arrives.
+    let stored = h.state.store.get_execution(execution).await.unwrap();
+    assert_eq!(
+        (stored.status, stored.exit_code),
+        (Status::Failed, Some(3)),
+        "acknowledged before it was committed"
+    );
+
+    // A worker that did not hear the answer sends the same report again: acknowledged again.
+    let again = h.call(Method::POST, &status, tok, Some(report)).await;
+    assert_eq!(again.status, StatusCode::NO_CONTENT, "{:?}", again.body);
+    // Another result for an execution that ended is stale.
+    let other = h
+        .call(
+            Method::POST,
+            &status,
+            tok,
+            Some(json!({"status": "success"})),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::CONFLICT, "{:?}", other.body);
+    assert_eq!(other.error_code(), "conflict");
+    let done = h.finish(run).await;
+    assert_eq!(done["status"], "failed", "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_run_is_served_from_memory_and_a_live_one_never_is() {
+    let h = harness(small_limits()).await;
+    let (project, pipeline, _repo, commit) = h.pipeline("cached", QUICK).await;
+    let (_, other_pipeline, _repo2, other_commit) = h.pipeline("cached-other", SLOW).await;
+    let viewer = h
+        .token(
+            "scoped-viewer",
+            TokenRole::Viewer,
+            ProjectScope::Projects(vec![project]),
+        )
+        .await;
+    let v = Some(viewer.as_str());
+
+    // A run that has not ended is read from the store on every request.
+    let live = h.trigger(other_pipeline, &other_commit).await;
+    h.running_execution(live).await;
+    let uri = format!("/v1/pipeline-runs/{live}");
+    let first = h.call(Method::GET, &uri, Some(&h.admin), None).await;
+    assert_eq!(first.json()["status"], "running", "{:?}", first.body);
+    assert!(h.state.finished_runs.get(live).is_none());
+    // Scoped to another project: refused.
+    assert_eq!(
+        h.call(Method::GET, &uri, v, None).await.status,
+        StatusCode::FORBIDDEN
+    );
+    h.cancel_and_wait(live).await;
+    let ended = h.call(Method::GET, &uri, Some(&h.admin), None).await;
+    assert_eq!(ended.json()["status"], "canceled", "{:?}", ended.body);
+    // Still refused once it is remembered.
+    assert!(h.state.finished_runs.get(live).is_some());
+    assert_eq!(
+        h.call(Method::GET, &uri, v, None).await.status,
+        StatusCode::FORBIDDEN
+    );
+
+    // A finished run: the remembered answer is the store's, byte for byte.
+    let run = h.trigger(pipeline, &commit).await;
+    assert_eq!(h.finish(run).await["status"], "success");
+    let uri = format!("/v1/pipeline-runs/{run}");
+    let cached = h.call(Method::GET, &uri, v, None).await;
+    assert_eq!(cached.status, StatusCode::OK, "{:?}", cached.body);
+    assert_eq!(cached.headers["content-type"], "application/json");
+    let stored = h.state.store.get_run(run).await.unwrap();
+    assert_eq!(
+        cached.json(),
+        serde_json::to_value(super::dto::RunDto::from(stored)).unwrap()
+    );
+    assert_eq!(
+        h.state.finished_runs.get(run).map(|f| f.json),
+        Some(cached.body.clone())
+    );
+    // Revoking the token refuses the next read of the remembered run.
+    let token_id = h
+        .state
+        .store
+        .find_api_token(&super::auth::hash_token(&viewer))
+        .await
+        .unwrap()
+        .id;
+    let revoked = h
+        .call(
+            Method::DELETE,
+            &format!("/v1/tokens/{token_id}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{:?}", revoked.body);
+    assert_eq!(
+        h.call(Method::GET, &uri, v, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
