@@ -1310,6 +1310,122 @@ async fn a_finished_run_is_served_from_memory_and_a_live_one_never_is() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_a_log_checks_and_applies_limit() {
+    let h = harness(small_limits()).await;
+    let admin = Some(h.admin.as_str());
+    let (_, pipeline, _repo, commit) = h.pipeline("follow-limit", QUICK).await;
+    let run = h.trigger(pipeline, &commit).await;
+    assert_eq!(h.finish(run).await["status"], "success");
+    let steps = h
+        .call(
+            Method::GET,
+            &format!("/v1/pipeline-runs/{run}/steps"),
+            admin,
+            None,
+        )
+        .await
+        .json();
+    let step = steps[0]["id"].as_str().unwrap();
+    let logs_uri = format!("/v1/pipeline-runs/{run}/steps/{step}/logs");
+    for bad in ["0", "10001"] {
+        for follow in ["true", "false"] {
+            let r = h
+                .call(
+                    Method::GET,
+                    &format!("{logs_uri}?follow={follow}&limit={bad}"),
+                    admin,
+                    None,
+                )
+                .await;
+            assert_eq!(
+                r.status,
+                StatusCode::BAD_REQUEST,
+                "limit={bad} follow={follow}"
+            );
+            assert_eq!(r.json()["error"]["field"], "limit");
+        }
+    }
+    let all = h
+        .call(Method::GET, &format!("{logs_uri}?limit=10000"), admin, None)
+        .await
+        .json();
+    assert!(all["lines"].as_array().unwrap().len() >= 3, "{all}");
+    // Two lines, then the stream closes without `end`: the log goes on after them.
+    let two = h
+        .call(
+            Method::GET,
+            &format!("{logs_uri}?follow=true&limit=2"),
+            admin,
+            None,
+        )
+        .await;
+    assert_eq!(two.status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&two.body).into_owned();
+    assert_eq!(text.matches("event: line").count(), 2, "{text}");
+    assert!(!text.contains("event: end"), "{text}");
+    // Resumed after the second line, without a limit: the rest, then `end`.
+    let rest = h
+        .raw(
+            Method::GET,
+            &format!("{logs_uri}?follow=true"),
+            admin,
+            &[("last-event-id", "1")],
+            None,
+        )
+        .await;
+    let text = String::from_utf8_lossy(&rest.body).into_owned();
+    assert_eq!(
+        text.matches("event: line").count(),
+        all["lines"].as_array().unwrap().len() - 2,
+        "{text}"
+    );
+    assert!(text.contains("event: end"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_states_limits_and_the_commit_pattern() {
+    let h = harness(small_limits()).await;
+    let doc = h
+        .call(Method::GET, "/v1/openapi.json", None, None)
+        .await
+        .json();
+    let param = |path: &str, name: &str| -> Value {
+        doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path} has no parameters"))
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{path} has no parameter {name}"))["schema"]
+            .clone()
+    };
+    for path in [
+        "/v1/pipeline-runs",
+        "/v1/projects",
+        "/v1/repositories",
+        "/v1/pipelines",
+    ] {
+        let limit = param(path, "limit");
+        assert_eq!(
+            (limit["minimum"].as_u64(), limit["maximum"].as_u64()),
+            (Some(1), Some(1000)),
+            "{path}: {limit}"
+        );
+    }
+    let lines = param("/v1/pipeline-runs/{id}/steps/{step_id}/logs", "limit");
+    assert_eq!(
+        (lines["minimum"].as_u64(), lines["maximum"].as_u64()),
+        (Some(1), Some(10_000)),
+        "{lines}"
+    );
+    let commit = &doc["components"]["schemas"]["RunRequestBody"]["properties"]["commit"];
+    assert_eq!(commit["pattern"], "^[0-9A-Fa-f]{4,64}$", "{commit}");
+    assert_eq!(
+        (commit["minLength"].as_u64(), commit["maxLength"].as_u64()),
+        (Some(4), Some(64))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_scoped_shown_once_and_revocable() {
     let h = harness(small_limits()).await;
     let admin = Some(h.admin.as_str());
