@@ -480,6 +480,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn create_run(&self, run: &NewRun) -> Result<(), StoreError>;
     /// Loads a run.
     async fn get_run(&self, id: RunId) -> Result<PipelineRun, StoreError>;
+    /// Loads a run without its resolved spec: the result is [`get_run`](Store::get_run)'s
+    /// with [`PipelineRun::resolved_spec`] set to `null`. For readers that show a run and
+    /// never execute it (the HTTP status read), so a backend can skip reading and decoding
+    /// the document. The default loads the whole run and drops the spec.
+    async fn get_run_without_spec(&self, id: RunId) -> Result<PipelineRun, StoreError> {
+        let mut run = self.get_run(id).await?;
+        run.resolved_spec = serde_json::Value::Null;
+        Ok(run)
+    }
     /// Loads a run with everything that belongs to it.
     async fn load_run(&self, id: RunId) -> Result<RunRecord, StoreError>;
     /// Lists runs.

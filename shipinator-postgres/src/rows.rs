@@ -165,6 +165,12 @@ pub(crate) const RUN_COLUMNS: &str = "id, pipeline_id, git_ref, git_sha, status,
      requested_stages, requested_by, resolved_spec, retry_of, version, created_at, started_at, \
      finished_at";
 
+/// [`RUN_COLUMNS`] with a JSON `null` in place of the resolved spec: a read that shows the
+/// run and never executes it skips reading and decoding the document.
+pub(crate) const RUN_COLUMNS_WITHOUT_SPEC: &str = "id, pipeline_id, git_ref, git_sha, status, \
+     phase, trigger, requested_stages, requested_by, 'null'::jsonb AS resolved_spec, retry_of, \
+     version, created_at, started_at, finished_at";
+
 pub(crate) fn job(row: &PgRow) -> Result<Job> {
     Ok(Job {
         id: uuid_col(row, "id")?,

@@ -20,8 +20,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::rows::{
-    self, ARTIFACT_COLUMNS, EXECUTION_COLUMNS, PROJECT_COLUMNS, RUN_COLUMNS, i32_of, i64_of,
-    metadata_json, opt_ts, ts,
+    self, ARTIFACT_COLUMNS, EXECUTION_COLUMNS, PROJECT_COLUMNS, RUN_COLUMNS,
+    RUN_COLUMNS_WITHOUT_SPEC, i32_of, i64_of, metadata_json, opt_ts, ts,
 };
 use crate::{Error, PgStore, WAKEUP_CHANNEL};
 
@@ -940,6 +940,19 @@ impl Store for PgStore {
     async fn get_run(&self, id: RunId) -> Result<PipelineRun, StoreError> {
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT {RUN_COLUMNS} FROM pipeline_runs WHERE id = $1"
+        ));
+        let row = sqlx::query(sql)
+            .bind(id.0)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?
+            .ok_or_else(|| StoreError::not_found("run", id))?;
+        rows::run(&row).map_err(from_rows)
+    }
+
+    async fn get_run_without_spec(&self, id: RunId) -> Result<PipelineRun, StoreError> {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT {RUN_COLUMNS_WITHOUT_SPEC} FROM pipeline_runs WHERE id = $1"
         ));
         let row = sqlx::query(sql)
             .bind(id.0)

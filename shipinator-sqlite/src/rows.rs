@@ -35,6 +35,14 @@ macro_rules! run_columns {
          requested_by, resolved_spec, retry_of, version, created_at, started_at, finished_at"
     };
 }
+/// The run columns with `'null'` in place of the resolved spec (a read that shows the run).
+macro_rules! run_columns_without_spec {
+    () => {
+        "id, pipeline_id, git_ref, git_sha, status, phase, \"trigger\", requested_stages, \
+         requested_by, 'null' AS resolved_spec, retry_of, version, created_at, started_at, \
+         finished_at"
+    };
+}
 macro_rules! job_columns {
     () => {
         "id, pipeline_run_id, job_type, name, status, version, created_at, started_at, finished_at"
@@ -66,7 +74,7 @@ macro_rules! stage_order {
 }
 pub(crate) use {
     artifact_columns, execution_columns, job_columns, pipeline_columns, project_columns,
-    repository_columns, run_columns, stage_order, step_columns,
+    repository_columns, run_columns, run_columns_without_spec, stage_order, step_columns,
 };
 
 pub(crate) fn get<'r, T>(row: &'r SqliteRow, column: &'static str) -> Result<T, Error>

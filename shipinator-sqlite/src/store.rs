@@ -18,7 +18,8 @@ use sqlx::{Sqlite, Transaction};
 use crate::error::Error;
 use crate::rows::{
     self, artifact_columns, execution_columns, int, job_columns, micros, micros_opt,
-    pipeline_columns, project_columns, repository_columns, run_columns, stage_order, step_columns,
+    pipeline_columns, project_columns, repository_columns, run_columns, run_columns_without_spec,
+    stage_order, step_columns,
 };
 use crate::{BACKEND, SqliteStore};
 
@@ -734,6 +735,20 @@ impl Store for SqliteStore {
             concat!(
                 "SELECT ",
                 run_columns!(),
+                " FROM pipeline_runs WHERE id = ?1"
+            ),
+            id.to_string(),
+            rows::run,
+        )
+        .await?
+        .ok_or_else(|| StoreError::not_found(RunId::WHAT, id))
+    }
+
+    async fn get_run_without_spec(&self, id: RunId) -> Result<PipelineRun, StoreError> {
+        self.fetch_one_opt(
+            concat!(
+                "SELECT ",
+                run_columns_without_spec!(),
                 " FROM pipeline_runs WHERE id = ?1"
             ),
             id.to_string(),

@@ -336,6 +336,17 @@ pub async fn create_and_load_every_entity(store: &dyn Store) {
     create_run(store, &new).await;
     let run_id = new.run.id;
     assert_eq!(ok(store.get_run(run_id).await, "get_run"), new.run);
+    assert_eq!(
+        ok(
+            store.get_run_without_spec(run_id).await,
+            "get_run_without_spec"
+        ),
+        PipelineRun {
+            resolved_spec: serde_json::Value::Null,
+            ..new.run.clone()
+        },
+        "get_run_without_spec must be get_run with a null resolved_spec"
+    );
 
     let mut jobs = new.jobs.clone();
     jobs.sort_by_key(|j| j.job_type);
@@ -423,6 +434,9 @@ pub async fn create_and_load_every_entity(store: &dyn Store) {
         &store.get_pipeline(PipelineId::new_v7()).await
     ));
     assert!(is_not_found(&store.get_run(RunId::new_v7()).await));
+    assert!(is_not_found(
+        &store.get_run_without_spec(RunId::new_v7()).await
+    ));
     assert!(is_not_found(&store.load_run(RunId::new_v7()).await));
     assert!(is_not_found(
         &store.get_execution(ExecutionId::new_v7()).await
@@ -565,6 +579,15 @@ pub async fn updates_are_compare_and_set(store: &dyn Store) {
     );
     let stored = ok(store.get_run(run.id).await, "get_run");
     assert_eq!(stored.version, 1, "an update must increment the version");
+    let brief = ok(
+        store.get_run_without_spec(run.id).await,
+        "get_run_without_spec",
+    );
+    assert_eq!(
+        (brief.version, brief.status, brief.phase, brief.started_at),
+        (1, RunStatus::Running, RunPhase::Building, started),
+        "get_run_without_spec must see the update"
+    );
     assert_eq!(
         (stored.status, stored.phase, stored.started_at),
         (RunStatus::Running, RunPhase::Building, started)

@@ -105,6 +105,10 @@ impl Store for CountingStore {
     async fn get_run(&self, id: RunId) -> Result<PipelineRun, StoreError> {
         self.inner.get_run(id).await
     }
+
+    async fn get_run_without_spec(&self, id: RunId) -> Result<PipelineRun, StoreError> {
+        self.inner.get_run_without_spec(id).await
+    }
     async fn load_run(&self, id: RunId) -> Result<RunRecord, StoreError> {
         self.inner.load_run(id).await
     }

@@ -3,7 +3,8 @@
 //! `GET /v1/pipeline-runs/{id}` of a finished run with a viewer token. Runs `serve` as a child
 //! of this binary, seeds the finished run through the engine on the same store first, and
 //! reports requests per second for both, their ratio, the status read's p50 and p99 latency
-//! and the server's idle resident memory. Prints one JSON line.
+//! and the server's idle resident memory. Prints one JSON line. The seeded run has ended, so the
+//! server answers it from its cache of finished runs unless `--finished-run-cache 0`.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -65,7 +66,7 @@ pub(crate) async fn run(args: &HttpArgs) -> anyhow::Result<serde_json::Value> {
 
     let (run_id, token) = seed(&data, &database, env_url.is_some()).await?;
 
-    let mut server = ServerChild::start(data.root(), env_url.as_deref())?;
+    let mut server = ServerChild::start(data.root(), env_url.as_deref(), args.finished_run_cache)?;
     let addr = server.addr.clone();
     let status_path = format!("/v1/pipeline-runs/{run_id}");
     // One request each: the server is up, the token reads the run, and the pool is warm.
@@ -96,6 +97,10 @@ pub(crate) async fn run(args: &HttpArgs) -> anyhow::Result<serde_json::Value> {
         "bench": "http",
         "store": if env_url.is_some() { "postgres" } else { "sqlite" },
         "wrk": format!("-t1 -c{} -d{}s --latency", args.connections, args.duration),
+        "finished_run_cache": args.finished_run_cache.map_or_else(
+            || serde_json::Value::from("default"),
+            serde_json::Value::from,
+        ),
         "healthz_rps": round(health.rps),
         "status_rps": round(status.rps),
         "ratio": round(status.rps / health.rps),
@@ -208,7 +213,11 @@ struct ServerChild {
 }
 
 impl ServerChild {
-    fn start(data_dir: &Path, database_url: Option<&str>) -> anyhow::Result<Self> {
+    fn start(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        finished_run_cache: Option<usize>,
+    ) -> anyhow::Result<Self> {
         let exe = std::env::current_exe().context("locating this executable")?;
         let mut cmd = Command::new(exe);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -220,6 +229,10 @@ impl ServerChild {
         if let Some(url) = database_url {
             cmd.env("SHIPINATOR_DATABASE__URL", url);
         }
+        match finished_run_cache {
+            Some(n) => cmd.env("SHIPINATOR_LIMITS__FINISHED_RUN_CACHE", n.to_string()),
+            None => cmd.env_remove("SHIPINATOR_LIMITS__FINISHED_RUN_CACHE"),
+        };
         let mut child = cmd.spawn().context("starting shipinator serve")?;
         let stdout = child
             .stdout

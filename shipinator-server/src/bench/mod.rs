@@ -59,6 +59,10 @@ pub(crate) struct HttpArgs {
     /// Open connections (wrk `-c`).
     #[arg(long, default_value_t = 4)]
     pub(crate) connections: u32,
+    /// The server's `limits.finished_run_cache` (0: every status read asks the store); the
+    /// server's default when absent.
+    #[arg(long, value_name = "RUNS")]
+    pub(crate) finished_run_cache: Option<usize>,
 }
 
 /// Arguments of `bench local`.

@@ -254,9 +254,15 @@ impl Caller {
 
 impl AppState {
     /// The project a pipeline belongs to.
+    /// Pipelines never move, so the answer is remembered.
     pub(crate) async fn project_of_pipeline(&self, pipeline: PipelineId) -> ApiResult<ProjectId> {
+        if let Some(project) = self.pipeline_projects.get(pipeline) {
+            return Ok(project);
+        }
         let p = self.store.get_pipeline(pipeline).await?;
-        Ok(self.store.get_repository(p.repository_id).await?.project_id)
+        let project = self.store.get_repository(p.repository_id).await?.project_id;
+        self.pipeline_projects.put(pipeline, project);
+        Ok(project)
     }
 
     /// Checks that `caller` may read or act on (with `role`) what belongs to `pipeline`.
@@ -281,6 +287,23 @@ impl AppState {
         caller: &Caller,
         id: ExecutionId,
     ) -> ApiResult<shipinator_core::domain::Execution> {
+        let execution = self.execution_of_token(caller, id).await?;
+        if execution.status.is_terminal() {
+            return Err(ApiError::forbidden(format!(
+                "execution {id} has ended ({}); its token is no longer valid",
+                execution.status
+            )));
+        }
+        Ok(execution)
+    }
+
+    /// Checks an execution token against execution `id`, which must exist; it may have
+    /// ended (the status endpoint answers a repeated final report of an ended execution).
+    pub(crate) async fn execution_of_token(
+        &self,
+        caller: &Caller,
+        id: ExecutionId,
+    ) -> ApiResult<shipinator_core::domain::Execution> {
         let Caller::Execution(token) = caller else {
             return Err(ApiError::forbidden(
                 "worker endpoints need the execution's own token",
@@ -291,14 +314,7 @@ impl AppState {
                 "this token is not the token of execution {id}"
             )));
         }
-        let execution = self.store.get_execution(id).await?;
-        if execution.status.is_terminal() {
-            return Err(ApiError::forbidden(format!(
-                "execution {id} has ended ({}); its token is no longer valid",
-                execution.status
-            )));
-        }
-        Ok(execution)
+        Ok(self.store.get_execution(id).await?)
     }
 
     /// Checks that `caller` may read `artifact`: a viewer of its project, or the token of a

@@ -51,6 +51,7 @@
 //! json_body_bytes = 1048576
 //! artifact_bytes = 10737418240
 //! request_timeout_secs = 30
+//! finished_run_cache = 2048                # runs that ended, kept for status reads; 0: none
 //! ```
 
 use std::collections::BTreeMap;
@@ -186,6 +187,9 @@ pub(crate) struct Limits {
     pub(crate) artifact_bytes: u64,
     /// Bound on a request's handling time (streams that already started are not cut).
     pub(crate) request_timeout_secs: u64,
+    /// How many runs that have ended the status read keeps in memory (about half a kilobyte
+    /// each; they never change); 0 reads every run from the store.
+    pub(crate) finished_run_cache: usize,
 }
 
 impl Default for Limits {
@@ -194,6 +198,7 @@ impl Default for Limits {
             json_body_bytes: 1024 * 1024,
             artifact_bytes: 10 * 1024 * 1024 * 1024,
             request_timeout_secs: 30,
+            finished_run_cache: 2048,
         }
     }
 }

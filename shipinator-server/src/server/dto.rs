@@ -230,7 +230,8 @@ pub(crate) struct RunRequestBody {
     /// Git ref to record and fetch (`refs/pull/4/head`); default the branch.
     #[serde(rename = "ref")]
     pub(crate) git_ref: Option<String>,
-    /// The exact commit (hex sha).
+    /// The exact commit: a hexadecimal sha, 4 to 64 digits.
+    #[schema(pattern = "^[0-9A-Fa-f]{4,64}$", min_length = 4, max_length = 64)]
     pub(crate) commit: String,
     /// For manual runs, the stages to run (`build`, `test`, `deploy`); default build and test.
     #[schema(schema_with = schemas::job_types_opt)]
@@ -448,6 +449,7 @@ pub(crate) struct PageDto<T> {
 #[into_params(parameter_in = Query)]
 pub(crate) struct PageQuery {
     /// Items per page, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub(crate) limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub(crate) cursor: Option<String>,
@@ -466,6 +468,7 @@ pub(crate) struct RunQuery {
     /// Runs of this branch or ref.
     pub(crate) branch: Option<String>,
     /// Items per page, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     pub(crate) limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     pub(crate) cursor: Option<String>,
@@ -550,7 +553,9 @@ pub(crate) struct LogQuery {
     pub(crate) attempt: Option<u32>,
     /// First sequence number (default 0).
     pub(crate) from_seq: Option<u64>,
-    /// Most lines (default 1000, at most 10000).
+    /// Most lines, 1 to 10000 (default 1000). With `follow=true`, the stream closes after
+    /// that many lines (resume with `Last-Event-ID`); without it, it runs until the log ends.
+    #[param(minimum = 1, maximum = 10000)]
     pub(crate) limit: Option<usize>,
     /// Stream as Server-Sent Events until the log ends (resumable with `Last-Event-ID`).
     pub(crate) follow: Option<bool>,

@@ -27,6 +27,7 @@ use tower_http::trace::TraceLayer;
 
 pub(crate) mod api;
 pub(crate) mod auth;
+pub(crate) mod cache;
 pub(crate) mod config;
 pub(crate) mod dto;
 pub(crate) mod error;
@@ -58,6 +59,10 @@ pub(crate) struct AppState {
     pub(crate) tokens: Arc<auth::TokenCache>,
     /// The data directory: repository mirrors for reading a `.shipinator.yaml` at a ref.
     pub(crate) data_dir: shipinator_local::DataDir,
+    /// The project of each pipeline looked up so far (it never changes).
+    pub(crate) pipeline_projects: Arc<cache::PipelineProjects>,
+    /// Runs that have ended (they never change again), as the status read answers them.
+    pub(crate) finished_runs: Arc<cache::FinishedRuns>,
 }
 
 /// The application: every route, with tracing, request ids, timeouts and body limits.
@@ -452,6 +457,10 @@ pub(crate) async fn run(mut config: ServerConfig) -> anyhow::Result<()> {
         shutdown: stop_rx.clone(),
         tokens: Arc::default(),
         data_dir: shipinator_local::DataDir::new(&config.data_dir),
+        pipeline_projects: Arc::default(),
+        finished_runs: Arc::new(cache::FinishedRuns::with_capacity(
+            config.limits.finished_run_cache,
+        )),
     };
     bootstrap_admin(&state, &config.data_dir).await?;
     let event_metrics = metrics::spawn_event_metrics(&driver);

@@ -24,6 +24,7 @@ use tokio::sync::{Mutex, watch};
 use tower::ServiceExt;
 
 use super::auth::execution_token;
+use super::cache::FinishedRuns;
 use super::config::{Limits, ServerConfig};
 use super::metrics::Metrics;
 use super::{AppState, api, open_backends, router};
@@ -124,6 +125,7 @@ async fn harness(limits: Limits) -> Harness {
     let (_tx, rx) = watch::channel(false);
     // Keep the sender alive for the test's duration.
     std::mem::forget(_tx);
+    let finished_runs = Arc::new(FinishedRuns::with_capacity(limits.finished_run_cache));
     let state = AppState {
         store: backends.store,
         artifacts: backends.artifacts,
@@ -136,6 +138,8 @@ async fn harness(limits: Limits) -> Harness {
         shutdown: rx,
         tokens: Arc::default(),
         data_dir: shipinator_local::DataDir::new(&config.data_dir),
+        pipeline_projects: Arc::default(),
+        finished_runs,
     };
     let (admin, _) = api::tokens::issue(
         &state,
@@ -318,6 +322,7 @@ fn small_limits() -> Limits {
         json_body_bytes: 64 * 1024,
         artifact_bytes: 1024 * 1024,
         request_timeout_secs: 30,
+        ..Limits::default()
     }
 }
 
@@ -1259,7 +1264,242 @@ async fn worker_endpoints_take_only_a_live_executions_own_token() {
             Some(json!({"status": "running"})),
         )
         .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    let r = h.call(Method::POST, &logs, tok, Some(batch)).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_report_is_acknowledged_once_committed_and_again_when_repeated() {
+    use shipinator_core::domain::Status;
+    let h = harness(small_limits()).await;
+    let (_, pipeline, _repo, commit) = h.pipeline("report", SLOW).await;
+    let run = h.trigger(pipeline, &commit).await;
+    let (execution, _) = h.running_execution(run).await;
+    let token = execution_token(&h.state.secret, execution);
+    let tok = Some(token.as_str());
+    let status = format!("/v1/executions/{execution}/status");
+    let report = json!({"status": "failed", "exit_code": 3});
+
+    let r = h
+        .call(Method::POST, &status, tok, Some(report.clone()))
+        .await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{:?}", r.body);
+    // A 2xx means recorded: the store already holds the result when the answer arrives.
+    let stored = h.state.store.get_execution(execution).await.unwrap();
+    assert_eq!(
+        (stored.status, stored.exit_code),
+        (Status::Failed, Some(3)),
+        "acknowledged before it was committed"
+    );
+
+    // A worker that did not hear the answer sends the same report again: acknowledged again.
+    let again = h.call(Method::POST, &status, tok, Some(report)).await;
+    assert_eq!(again.status, StatusCode::NO_CONTENT, "{:?}", again.body);
+    // Another result for an execution that ended is stale.
+    let other = h
+        .call(
+            Method::POST,
+            &status,
+            tok,
+            Some(json!({"status": "success"})),
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::CONFLICT, "{:?}", other.body);
+    assert_eq!(other.error_code(), "conflict");
+    let done = h.finish(run).await;
+    assert_eq!(done["status"], "failed", "{done}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_run_is_served_from_memory_and_a_live_one_never_is() {
+    let h = harness(small_limits()).await;
+    let (project, pipeline, _repo, commit) = h.pipeline("cached", QUICK).await;
+    let (_, other_pipeline, _repo2, other_commit) = h.pipeline("cached-other", SLOW).await;
+    let viewer = h
+        .token(
+            "scoped-viewer",
+            TokenRole::Viewer,
+            ProjectScope::Projects(vec![project]),
+        )
+        .await;
+    let v = Some(viewer.as_str());
+
+    // A run that has not ended is read from the store on every request.
+    let live = h.trigger(other_pipeline, &other_commit).await;
+    h.running_execution(live).await;
+    let uri = format!("/v1/pipeline-runs/{live}");
+    let first = h.call(Method::GET, &uri, Some(&h.admin), None).await;
+    assert_eq!(first.json()["status"], "running", "{:?}", first.body);
+    assert!(h.state.finished_runs.get(live).is_none());
+    // Scoped to another project: refused.
+    assert_eq!(
+        h.call(Method::GET, &uri, v, None).await.status,
+        StatusCode::FORBIDDEN
+    );
+    h.cancel_and_wait(live).await;
+    let ended = h.call(Method::GET, &uri, Some(&h.admin), None).await;
+    assert_eq!(ended.json()["status"], "canceled", "{:?}", ended.body);
+    // Still refused once it is remembered.
+    assert!(h.state.finished_runs.get(live).is_some());
+    assert_eq!(
+        h.call(Method::GET, &uri, v, None).await.status,
+        StatusCode::FORBIDDEN
+    );
+
+    // A finished run: the remembered answer is the store's, byte for byte.
+    let run = h.trigger(pipeline, &commit).await;
+    assert_eq!(h.finish(run).await["status"], "success");
+    let uri = format!("/v1/pipeline-runs/{run}");
+    let cached = h.call(Method::GET, &uri, v, None).await;
+    assert_eq!(cached.status, StatusCode::OK, "{:?}", cached.body);
+    assert_eq!(cached.headers["content-type"], "application/json");
+    let stored = h.state.store.get_run(run).await.unwrap();
+    assert_eq!(
+        cached.json(),
+        serde_json::to_value(super::dto::RunDto::from(stored)).unwrap()
+    );
+    assert_eq!(
+        h.state.finished_runs.get(run).map(|f| f.json),
+        Some(cached.body.clone())
+    );
+    // Revoking the token refuses the next read of the remembered run.
+    let token_id = h
+        .state
+        .store
+        .find_api_token(&super::auth::hash_token(&viewer))
+        .await
+        .unwrap()
+        .id;
+    let revoked = h
+        .call(
+            Method::DELETE,
+            &format!("/v1/tokens/{token_id}"),
+            Some(&h.admin),
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{:?}", revoked.body);
+    assert_eq!(
+        h.call(Method::GET, &uri, v, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn following_a_log_checks_and_applies_limit() {
+    let h = harness(small_limits()).await;
+    let admin = Some(h.admin.as_str());
+    let (_, pipeline, _repo, commit) = h.pipeline("follow-limit", QUICK).await;
+    let run = h.trigger(pipeline, &commit).await;
+    assert_eq!(h.finish(run).await["status"], "success");
+    let steps = h
+        .call(
+            Method::GET,
+            &format!("/v1/pipeline-runs/{run}/steps"),
+            admin,
+            None,
+        )
+        .await
+        .json();
+    let step = steps[0]["id"].as_str().unwrap();
+    let logs_uri = format!("/v1/pipeline-runs/{run}/steps/{step}/logs");
+    for bad in ["0", "10001"] {
+        for follow in ["true", "false"] {
+            let r = h
+                .call(
+                    Method::GET,
+                    &format!("{logs_uri}?follow={follow}&limit={bad}"),
+                    admin,
+                    None,
+                )
+                .await;
+            assert_eq!(
+                r.status,
+                StatusCode::BAD_REQUEST,
+                "limit={bad} follow={follow}"
+            );
+            assert_eq!(r.json()["error"]["field"], "limit");
+        }
+    }
+    let all = h
+        .call(Method::GET, &format!("{logs_uri}?limit=10000"), admin, None)
+        .await
+        .json();
+    assert!(all["lines"].as_array().unwrap().len() >= 3, "{all}");
+    // Two lines, then the stream closes without `end`: the log goes on after them.
+    let two = h
+        .call(
+            Method::GET,
+            &format!("{logs_uri}?follow=true&limit=2"),
+            admin,
+            None,
+        )
+        .await;
+    assert_eq!(two.status, StatusCode::OK);
+    let text = String::from_utf8_lossy(&two.body).into_owned();
+    assert_eq!(text.matches("event: line").count(), 2, "{text}");
+    assert!(!text.contains("event: end"), "{text}");
+    // Resumed after the second line, without a limit: the rest, then `end`.
+    let rest = h
+        .raw(
+            Method::GET,
+            &format!("{logs_uri}?follow=true"),
+            admin,
+            &[("last-event-id", "1")],
+            None,
+        )
+        .await;
+    let text = String::from_utf8_lossy(&rest.body).into_owned();
+    assert_eq!(
+        text.matches("event: line").count(),
+        all["lines"].as_array().unwrap().len() - 2,
+        "{text}"
+    );
+    assert!(text.contains("event: end"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_states_limits_and_the_commit_pattern() {
+    let h = harness(small_limits()).await;
+    let doc = h
+        .call(Method::GET, "/v1/openapi.json", None, None)
+        .await
+        .json();
+    let param = |path: &str, name: &str| -> Value {
+        doc["paths"][path]["get"]["parameters"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{path} has no parameters"))
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{path} has no parameter {name}"))["schema"]
+            .clone()
+    };
+    for path in [
+        "/v1/pipeline-runs",
+        "/v1/projects",
+        "/v1/repositories",
+        "/v1/pipelines",
+    ] {
+        let limit = param(path, "limit");
+        assert_eq!(
+            (limit["minimum"].as_u64(), limit["maximum"].as_u64()),
+            (Some(1), Some(1000)),
+            "{path}: {limit}"
+        );
+    }
+    let lines = param("/v1/pipeline-runs/{id}/steps/{step_id}/logs", "limit");
+    assert_eq!(
+        (lines["minimum"].as_u64(), lines["maximum"].as_u64()),
+        (Some(1), Some(10_000)),
+        "{lines}"
+    );
+    let commit = &doc["components"]["schemas"]["RunRequestBody"]["properties"]["commit"];
+    assert_eq!(commit["pattern"], "^[0-9A-Fa-f]{4,64}$", "{commit}");
+    assert_eq!(
+        (commit["minLength"].as_u64(), commit["maxLength"].as_u64()),
+        (Some(4), Some(64))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,6 +22,10 @@ use crate::server::error::{ApiError, ApiResult, ErrorBody};
 
 /// How often a follower waiting for a step to start looks again.
 const START_POLL: Duration = Duration::from_millis(250);
+/// Lines of a page when `limit` is absent.
+const DEFAULT_LIMIT: usize = 1000;
+/// The largest `limit`.
+pub(crate) const MAX_LIMIT: usize = 10_000;
 
 /// The execution of `step` for `attempt` (default the step's current attempt), if it exists.
 async fn execution_of(
@@ -64,6 +68,13 @@ pub(crate) async fn step_logs(
     ApiQuery(q): ApiQuery<LogQuery>,
     headers: HeaderMap,
 ) -> ApiResult<Response> {
+    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::field(
+            "limit",
+            format!("limit must be between 1 and {MAX_LIMIT}"),
+        ));
+    }
     visible_run(&state, &caller, TokenRole::Viewer, run).await?;
     let (step_done, execution) = execution_of(&state, run, step, q.attempt).await?;
     if q.follow.unwrap_or(false) {
@@ -79,7 +90,16 @@ pub(crate) async fn step_logs(
             ),
         };
         let from = resume.map_or(q.from_seq.unwrap_or(0), |seq| seq.saturating_add(1));
-        return Ok(follow(state, run, step, q.attempt, execution, step_done, from).into_response());
+        // Without `limit` the stream runs until the log ends; with it, it closes after that
+        // many lines without an `end` event, to be resumed with `Last-Event-ID`.
+        let target = Follow {
+            run,
+            step,
+            attempt: q.attempt,
+            from,
+            lines: q.limit.unwrap_or(usize::MAX),
+        };
+        return Ok(follow(state, target, execution, step_done).into_response());
     }
     let Some(execution) = execution else {
         return Err(ApiError::not_found(format!(
@@ -90,13 +110,6 @@ pub(crate) async fn step_logs(
         )));
     };
     let from = q.from_seq.unwrap_or(0);
-    let limit = q.limit.unwrap_or(1000);
-    if limit == 0 || limit > 10_000 {
-        return Err(ApiError::field(
-            "limit",
-            "limit must be between 1 and 10000",
-        ));
-    }
     let lines = state.logs.read(execution.id, from, limit).await?;
     let next_seq = lines.last().map_or(from, |l| l.seq + 1);
     Ok(Json(LogPage {
@@ -114,20 +127,36 @@ enum FollowState {
     Done,
 }
 
-fn follow(
-    state: AppState,
+/// What a follower streams.
+#[derive(Debug, Clone, Copy)]
+struct Follow {
     run: RunId,
     step: StepId,
     attempt: Option<u32>,
+    /// The first sequence number.
+    from: u64,
+    /// Most `line` events before the stream closes (`usize::MAX`: until the log ends).
+    lines: usize,
+}
+
+fn follow(
+    state: AppState,
+    target: Follow,
     execution: Option<Execution>,
     step_done: bool,
-    from: u64,
 ) -> Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>> {
+    let Follow {
+        run,
+        step,
+        attempt,
+        from,
+        lines: most,
+    } = target;
     let mut shutdown = state.shutdown.clone();
     let initial = (step_done, execution);
     let events = stream::unfold(
-        (FollowState::Waiting, Some(initial), state),
-        move |(mut phase, mut first, state)| async move {
+        (FollowState::Waiting, Some(initial), state, 0_usize),
+        move |(mut phase, mut first, state, mut sent)| async move {
             loop {
                 match phase {
                     FollowState::Done => return None,
@@ -146,24 +175,29 @@ fn follow(
                                     Err(e) => {
                                         let event =
                                             Event::default().event("error").data(e.to_string());
-                                        return Some((Ok(event), (FollowState::Done, None, state)));
+                                        return Some((
+                                            Ok(event),
+                                            (FollowState::Done, None, state, sent),
+                                        ));
                                     }
                                 }
                             }
                             // The step ended without ever running (skipped, cancelled).
                             Ok((true, None)) => {
                                 let event = Event::default().event("end").data("{}");
-                                return Some((Ok(event), (FollowState::Done, None, state)));
+                                return Some((Ok(event), (FollowState::Done, None, state, sent)));
                             }
                             Ok((false, None)) => phase = FollowState::Waiting,
                             Err(e) => {
                                 let event = Event::default().event("error").data(e.message);
-                                return Some((Ok(event), (FollowState::Done, None, state)));
+                                return Some((Ok(event), (FollowState::Done, None, state, sent)));
                             }
                         }
                     }
+                    FollowState::Following(_) if sent >= most => return None,
                     FollowState::Following(mut lines) => match lines.next().await {
                         Some(Ok(line)) => {
+                            sent += 1;
                             let seq = line.seq;
                             let event = Event::default()
                                 .id(seq.to_string())
@@ -172,15 +206,18 @@ fn follow(
                                 .unwrap_or_else(|e| {
                                     Event::default().event("error").data(e.to_string())
                                 });
-                            return Some((Ok(event), (FollowState::Following(lines), None, state)));
+                            return Some((
+                                Ok(event),
+                                (FollowState::Following(lines), None, state, sent),
+                            ));
                         }
                         Some(Err(e)) => {
                             let event = Event::default().event("error").data(e.to_string());
-                            return Some((Ok(event), (FollowState::Done, None, state)));
+                            return Some((Ok(event), (FollowState::Done, None, state, sent)));
                         }
                         None => {
                             let event = Event::default().event("end").data("{}");
-                            return Some((Ok(event), (FollowState::Done, None, state)));
+                            return Some((Ok(event), (FollowState::Done, None, state, sent)));
                         }
                     },
                 }

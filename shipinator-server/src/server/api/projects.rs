@@ -159,6 +159,7 @@ pub(crate) struct RepositoryQuery {
     #[param(value_type = Option<String>, format = Uuid)]
     project: Option<ProjectId>,
     /// Items per page, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,
@@ -343,6 +344,7 @@ pub(crate) struct PipelineQuery {
     #[param(value_type = Option<String>, format = Uuid)]
     repository: Option<RepositoryId>,
     /// Items per page, 1 to 1000 (default 50).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
     /// The `next_cursor` of the previous page.
     cursor: Option<String>,

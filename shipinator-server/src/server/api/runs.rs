@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use shipinator_core::config;
 use shipinator_core::domain::{PipelineRun, RunId, TokenRole};
@@ -17,6 +19,7 @@ use shipinator_core::time::Timestamp;
 use super::{ApiJson, ApiPath, ApiQuery, cursor_error, page_request, required_text};
 use crate::server::AppState;
 use crate::server::auth::Caller;
+use crate::server::cache::FinishedRun;
 use crate::server::dto::{
     ArtifactDto, ExecutionDto, JobDto, PageDto, RunDto, RunQuery, RunRequestBody, StepDto,
 };
@@ -264,12 +267,47 @@ pub(crate) async fn get_run(
     State(state): State<AppState>,
     caller: Caller,
     ApiPath(id): ApiPath<RunId>,
-) -> ApiResult<Json<RunDto>> {
-    Ok(Json(
-        visible_run(&state, &caller, TokenRole::Viewer, id)
-            .await?
-            .into(),
-    ))
+) -> ApiResult<Response> {
+    caller.require(TokenRole::Viewer)?;
+    // A run that has ended never changes again: its JSON is remembered. The caller is
+    // authorised on every request all the same.
+    if let Some(finished) = state.finished_runs.get(id) {
+        state
+            .authorize_pipeline(&caller, TokenRole::Viewer, finished.pipeline_id)
+            .await?;
+        return Ok(json_bytes(finished.json));
+    }
+    let run = state.store.get_run_without_spec(id).await?;
+    state
+        .authorize_pipeline(&caller, TokenRole::Viewer, run.pipeline_id)
+        .await?;
+    let (pipeline_id, ended) = (run.pipeline_id, run.status.is_terminal());
+    let json = Bytes::from(
+        serde_json::to_vec(&RunDto::from(run))
+            .map_err(|e| ApiError::internal(format!("encoding run {id}: {e}")))?,
+    );
+    if ended {
+        state.finished_runs.put(
+            id,
+            FinishedRun {
+                pipeline_id,
+                json: json.clone(),
+            },
+        );
+    }
+    Ok(json_bytes(json))
+}
+
+/// A JSON body that is already encoded.
+fn json_bytes(json: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        json,
+    )
+        .into_response()
 }
 
 /// A run's jobs in stage order (DMD §4.1).

@@ -1,12 +1,13 @@
 //! Worker endpoints (DMD §4.3 and the upload side of artifacts), authenticated by the token
 //! of the execution in the path.
 //!
-//! A status report is handed to this process's driver. When another replica owns the run,
-//! the report is still acknowledged: the owning driver's `Executor::status` poll is the
-//! fallback that picks the result up.
+//! A status report is handed to this process's driver and acknowledged once it is committed.
+//! When another replica owns the run, the owning driver's `Executor::status` poll picks the
+//! result up; until it has, the report is answered 503 and the worker sends it again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -14,10 +15,12 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use futures_util::StreamExt;
 use shipinator_core::artifact::{ArtifactError, ArtifactMeta};
-use shipinator_core::domain::{ArtifactId, ExecutionId};
+use shipinator_core::domain::{ArtifactId, Execution, ExecutionId, ExecutionStatus};
 use shipinator_core::executor::{
     ExecutionReport, ExecutionResult, ExecutionState, ProducedArtifact,
 };
+use shipinator_core::store::RunEventKind;
+use tokio::sync::broadcast;
 
 use super::{ApiJson, ApiPath};
 use crate::server::AppState;
@@ -28,16 +31,31 @@ use crate::server::error::{ApiError, ApiResult, ErrorBody};
 /// `storage_backend` of an artifact known only by reference (an OCI image ref): no bytes.
 const REFERENCE_ONLY_BACKEND: &str = "none";
 
+/// How long a status report waits for its commit before answering 503 (at most half the
+/// request timeout).
+const COMMIT_WAIT: Duration = Duration::from_secs(10);
+/// While waiting, how often the store is read again without a driver event (a report that
+/// another replica's driver records through its status poll).
+const COMMIT_RECHECK: Duration = Duration::from_millis(250);
+
 /// An execution's status (DMD §4.3): `running`, or the result (`success`, `failed`), or
 /// `lost`. Artifacts are `ProducedArtifact` objects carrying their id (an extension of the
 /// DMD's list of ids).
+///
+/// A 204 means the report is durably recorded: the driver has committed it (the execution is
+/// `running` or has ended in the store). When that does not happen within a bound, the answer
+/// is 503 with `Retry-After` and the worker sends the report again. A final report repeated
+/// after its execution ended is answered 204 again when the stored result is the reported one,
+/// and 409 when the execution ended otherwise (it was cancelled, or the report is stale).
 #[utoipa::path(post, path = "/v1/executions/{id}/status", tag = "workers",
     params(("id" = String, Path, format = Uuid, description = "Execution id")),
     request_body = ExecutionStatusBody,
     responses(
-        (status = 204, description = "Accepted"),
+        (status = 204, description = "Recorded"),
         (status = 400, description = "Invalid field", body = ErrorBody),
-        (status = 403, description = "Not this execution's token, or the execution has ended", body = ErrorBody),
+        (status = 403, description = "Not this execution's token", body = ErrorBody),
+        (status = 409, description = "The execution has ended otherwise than this report says", body = ErrorBody),
+        (status = 503, description = "Not recorded yet: send the report again after Retry-After", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub(crate) async fn report_status(
@@ -46,7 +64,7 @@ pub(crate) async fn report_status(
     ApiPath(id): ApiPath<ExecutionId>,
     ApiJson(body): ApiJson<ExecutionStatusBody>,
 ) -> ApiResult<StatusCode> {
-    let execution = state.authorize_execution(&caller, id).await?;
+    let execution = state.execution_of_token(&caller, id).await?;
     let reported = match body.status {
         ReportedStatus::Running => ExecutionState::Running,
         ReportedStatus::Success | ReportedStatus::Failed => {
@@ -69,6 +87,9 @@ pub(crate) async fn report_status(
                 // Failed before or without a command exit code.
                 (None, false) => -1,
             };
+            if execution.status.is_terminal() {
+                return already_ended(&execution, Some((success, exit_code)));
+            }
             ExecutionState::Finished(ExecutionResult {
                 exit_code,
                 logs_uri: body.logs_uri,
@@ -80,6 +101,9 @@ pub(crate) async fn report_status(
             reason: body.failure.unwrap_or_else(|| "lost".to_owned()),
         },
     };
+    if execution.status.is_terminal() {
+        return already_ended(&execution, None);
+    }
     tracing::info!(
         execution_id = %id,
         step_id = %execution.job_step_id,
@@ -87,11 +111,81 @@ pub(crate) async fn report_status(
         status = ?body.status,
         "execution reported"
     );
+    let ends = !matches!(reported, ExecutionState::Running);
+    // Subscribed before the report goes out, so its commit cannot be missed.
+    let mut events = state.driver.subscribe();
     state.driver.report(ExecutionReport {
         execution_id: id,
         state: reported,
     })?;
-    Ok(StatusCode::NO_CONTENT)
+    let bound = COMMIT_WAIT.min(Duration::from_secs(state.limits.request_timeout_secs.max(1)) / 2);
+    let deadline = tokio::time::Instant::now() + bound;
+    loop {
+        match state.store.get_execution(id).await {
+            Ok(e) if recorded(e.status, ends) => return Ok(StatusCode::NO_CONTENT),
+            Ok(_) => {}
+            Err(e) if e.is_transient() => {}
+            Err(e) => return Err(e.into()),
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            tracing::warn!(execution_id = %id, "a status report was not recorded in time");
+            return Err(ApiError::unavailable(format!(
+                "the report of execution {id} was not recorded within {} s; send it again",
+                bound.as_secs_f32()
+            )));
+        }
+        let wake = deadline.min(now + COMMIT_RECHECK);
+        // Any error (lagging behind, a stopped driver) just means: look at the store again.
+        let _ = tokio::time::timeout_at(wake, async {
+            loop {
+                match events.recv().await {
+                    Ok(event) => {
+                        if matches!(event.kind,
+                            RunEventKind::ExecutionChanged { execution_id, .. } if execution_id == id)
+                        {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => return,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        std::future::pending::<()>().await;
+                    }
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Whether a report is recorded when its execution is stored with `status`: a final report
+/// once the execution has ended, `running` once it has left `pending`.
+fn recorded(status: ExecutionStatus, ends: bool) -> bool {
+    if ends {
+        status.is_terminal()
+    } else {
+        status != ExecutionStatus::Pending
+    }
+}
+
+/// The answer to a report about an execution that has already ended: a repeated final
+/// report (`Some((success, exit_code))`) whose result is the stored one is acknowledged again;
+/// anything else is stale.
+fn already_ended(execution: &Execution, result: Option<(bool, i32)>) -> ApiResult<StatusCode> {
+    let same = match result {
+        Some((true, _)) => execution.status == ExecutionStatus::Succeeded,
+        Some((false, code)) => {
+            execution.status == ExecutionStatus::Failed && execution.exit_code == Some(code)
+        }
+        None => false,
+    };
+    if same {
+        return Ok(StatusCode::NO_CONTENT);
+    }
+    Err(ApiError::conflict(format!(
+        "execution {} has already ended ({}); this report is stale",
+        execution.id, execution.status
+    )))
 }
 
 /// The reported artifacts as the server records them: where the bytes are, their size and
