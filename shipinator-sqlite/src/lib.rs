@@ -39,6 +39,7 @@ mod access;
 pub mod bench;
 mod error;
 mod rows;
+mod script;
 mod store;
 
 use std::fmt;
