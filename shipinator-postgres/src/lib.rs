@@ -47,6 +47,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 mod access;
 mod rows;
+mod script;
 mod store;
 mod wakeups;
 
