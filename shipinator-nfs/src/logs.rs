@@ -29,18 +29,31 @@ const INDEX_RECORD: u64 = 24;
 const FOLLOW_BATCH: usize = 1000;
 /// How the truncation notice starts; only ever written as a `System` line.
 const TRUNCATION_PREFIX: &str = "[shipinator] log truncated";
+/// The record `close` appends: the last line of a closed log, never a [`LogLine`].
+const CLOSE_RECORD: &[u8] = b"{\"closed\":true}\n";
+/// Bytes read at a time when looking backwards for the end of the last complete line.
+const TAIL_CHUNK: u64 = 8 << 10;
 
 /// A [`LogStore`] on a mounted filesystem.
 ///
 /// # Layout
 /// ```text
-/// <base>/logs/<execution-id>.log      one JSON object per line: {"seq","at","stream","text"}
+/// <base>/logs/<execution-id>.log      one JSON object per line: {"seq","at","stream","text"},
+///                                     and once closed a last line {"closed":true}
 /// <base>/logs/<execution-id>.idx      every 256th line's seq, byte offset and text bytes before it
-/// <base>/logs/<execution-id>.closed   present once the log is closed
 /// <base>/logs/<execution-id>.deleted  present once the log is deleted (reads are NotFound)
 /// ```
 /// `read(from_seq)` seeks through the index and scans at most 256 lines before `from_seq`, so
-/// reading the end of a large log does not rescan it from the start.
+/// reading the end of a large log does not rescan it from the start. A log closed by an
+/// earlier version has a `<execution-id>.closed` file instead of the close record; it is
+/// still honoured.
+///
+/// # Durability
+/// Nothing here is fsynced: a step's status lives in the store, which is durable, and its log
+/// is a record of output. After an operating-system crash a log may lose its last lines, and
+/// with them the close record; since the log only ever grows at its end, what survives is a
+/// prefix, so a close record that survives still follows every line before it, and a line
+/// torn by the crash is never read (the next append or close cuts it off).
 ///
 /// # Several processes
 /// Appends take an exclusive `flock` on the log file, so a worker process and the server can
@@ -181,7 +194,8 @@ impl Inner {
         self.path(id, "deleted").exists()
     }
 
-    fn is_closed(&self, id: ExecutionId) -> bool {
+    /// Whether an earlier version closed the log with a marker file.
+    fn has_close_marker(&self, id: ExecutionId) -> bool {
         self.path(id, "closed").exists()
     }
 
@@ -245,39 +259,52 @@ impl Inner {
     }
 
     fn read(&self, id: ExecutionId, from_seq: u64, limit: usize) -> Result<Vec<LogLine>, Error> {
+        self.read_to_close(id, from_seq, limit)
+            .map(|(lines, _)| lines)
+    }
+
+    /// Up to `limit` lines from `from_seq` on, and whether the read reached the close record
+    /// (then no line follows the ones returned, ever).
+    fn read_to_close(
+        &self,
+        id: ExecutionId,
+        from_seq: u64,
+        limit: usize,
+    ) -> Result<(Vec<LogLine>, bool), Error> {
         self.check_not_deleted(id)?;
         let path = self.path(id, "log");
         let mut log = match File::open(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 self.check_not_deleted(id)?;
-                return Ok(Vec::new());
+                return Ok((Vec::new(), false));
             }
             Err(e) => return Err(Error::io("open", &path, e)),
         };
         let mut out = Vec::new();
         if limit == 0 {
-            return Ok(out);
+            return Ok((out, false));
         }
         let mark = self.seek_offset(id, &mut log, from_seq)?;
-        self.scan(id, &mut log, mark.offset, |line, _| {
+        let closed = self.scan(id, &mut log, mark.offset, |line, _| {
             if line.seq >= from_seq {
                 out.push(line);
             }
             out.len() < limit
         })?;
-        Ok(out)
+        Ok((out, closed))
     }
 
     /// Calls `f` with every complete line from `offset` on and the offset after it, until it
-    /// returns false. Returns the offset after the last complete line seen.
+    /// returns false or the close record is reached. Returns whether it reached the close
+    /// record.
     fn scan(
         &self,
         id: ExecutionId,
         log: &mut File,
         offset: u64,
         mut f: impl FnMut(LogLine, u64) -> bool,
-    ) -> Result<u64, Error> {
+    ) -> Result<bool, Error> {
         let path = self.path(id, "log");
         log.seek(SeekFrom::Start(offset))
             .map_err(|e| Error::io("seek", &path, e))?;
@@ -290,7 +317,11 @@ impl Inner {
                 .read_until(b'\n', &mut buf)
                 .map_err(|e| Error::io("read", &path, e))?;
             if n == 0 || buf.last() != Some(&b'\n') {
-                return Ok(pos); // the end, or a line still being written / torn by a crash
+                // The end, or a line still being written / torn by a crash.
+                return Ok(false);
+            }
+            if buf == CLOSE_RECORD {
+                return Ok(true);
             }
             let line: LogLine =
                 serde_json::from_slice(&buf).map_err(|source| Error::LogFormat {
@@ -300,7 +331,7 @@ impl Inner {
                 })?;
             pos += n as u64;
             if !f(line, pos) {
-                return Ok(pos);
+                return Ok(false);
             }
         }
     }
@@ -308,7 +339,7 @@ impl Inner {
     /// Appends under the file lock. Repairs a torn last line and missing index records first.
     fn append(&self, id: ExecutionId, lines: &[LogLine]) -> Result<AppendOutcome, Error> {
         self.check_not_deleted(id)?;
-        if self.is_closed(id) {
+        if self.has_close_marker(id) {
             return Err(Error::Log(LogError::Closed { id }));
         }
         let path = self.path(id, "log");
@@ -321,11 +352,9 @@ impl Inner {
             .map_err(|e| Error::io("open", &path, e))?;
         rustix::fs::flock(&log, rustix::fs::FlockOperation::LockExclusive)
             .map_err(|e| Error::io("lock", &path, e.into()))?;
-        // Checked again under the lock: another process may have closed or deleted it.
+        // Checked again under the lock: another process may have deleted it. A close record
+        // is found by the scan of the tail below.
         self.check_not_deleted(id)?;
-        if self.is_closed(id) {
-            return Err(Error::Log(LogError::Closed { id }));
-        }
 
         let mut idx = OpenOptions::new()
             .read(true)
@@ -350,7 +379,7 @@ impl Inner {
         let mut text = mark.text;
         let mut last: Option<LogLine> = None;
         let mut missing = Vec::new();
-        self.scan(id, &mut log, mark.offset, |line, after| {
+        let closed = self.scan(id, &mut log, mark.offset, |line, after| {
             if line.seq % INDEX_EVERY == 0 && line.seq / INDEX_EVERY >= records {
                 missing.push(Mark {
                     seq: line.seq,
@@ -366,6 +395,9 @@ impl Inner {
             last = Some(line);
             true
         })?;
+        if closed {
+            return Err(Error::Log(LogError::Closed { id }));
+        }
         let file_len = log
             .metadata()
             .map_err(|e| Error::io("stat", &path, e))?
@@ -487,17 +519,44 @@ impl Inner {
         Ok(outcome)
     }
 
+    /// Appends the close record under the file lock, after cutting off a torn last line; a
+    /// log closed already is left as it is. No new file unless the log had none.
     fn close(&self, id: ExecutionId) -> Result<(), Error> {
         self.check_not_deleted(id)?;
-        let log = self.path(id, "log");
-        if let Ok(f) = File::open(&log) {
-            // Lines appended before the close are on disk before the marker is.
-            let _ = f.sync_data();
+        if self.has_close_marker(id) {
+            return Ok(());
         }
-        let path = self.path(id, "closed");
-        File::create(&path)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| Error::io("create", &path, e))
+        let path = self.path(id, "log");
+        let mut log = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&path)
+            .map_err(|e| Error::io("open", &path, e))?;
+        rustix::fs::flock(&log, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| Error::io("lock", &path, e.into()))?;
+        self.check_not_deleted(id)?;
+        let len = log
+            .metadata()
+            .map_err(|e| Error::io("stat", &path, e))?
+            .len();
+        let end = complete_end(&mut log, len).map_err(|e| Error::io("read", &path, e))?;
+        if end >= CLOSE_RECORD.len() as u64 {
+            let mut last = [0u8; CLOSE_RECORD.len()];
+            log.seek(SeekFrom::Start(end - CLOSE_RECORD.len() as u64))
+                .and_then(|_| log.read_exact(&mut last))
+                .map_err(|e| Error::io("read", &path, e))?;
+            if last == CLOSE_RECORD {
+                return Ok(());
+            }
+        }
+        if len > end {
+            // A line torn by a crash: cut it off, or the record would extend it.
+            log.set_len(end)
+                .map_err(|e| Error::io("truncate", &path, e))?;
+        }
+        log.write_all(CLOSE_RECORD)
+            .map_err(|e| Error::io("write", &path, e))
     }
 
     fn delete(&self, id: ExecutionId) -> Result<(), Error> {
@@ -513,6 +572,24 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// The offset just after the last newline of the first `len` bytes of `file` (0 if none): the
+/// end of its last complete line.
+fn complete_end(file: &mut File, len: u64) -> io::Result<u64> {
+    let mut end = len;
+    let mut chunk = Vec::new();
+    while end > 0 {
+        let start = end.saturating_sub(TAIL_CHUNK);
+        chunk.resize(usize::try_from(end - start).unwrap_or(0), 0);
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk)?;
+        if let Some(i) = chunk.iter().rposition(|&b| b == b'\n') {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 fn record(m: Mark) -> [u8; INDEX_RECORD as usize] {
@@ -561,13 +638,14 @@ impl Follower {
             tokio::pin!(notified);
             notified.as_mut().enable();
             let (inner, id, from) = (Arc::clone(&self.inner), self.id, self.next);
-            // `closed` is read before the lines: whatever was appended before the close is
-            // then part of this read.
+            // The close record ends the lines it follows, so one read tells both. An earlier
+            // version's marker is looked at before the lines: whatever was appended before
+            // that close is then part of this read.
             let polled = blocking(move || {
-                let closed = inner.is_closed(id);
+                let marked = inner.has_close_marker(id);
                 inner
-                    .read(id, from, FOLLOW_BATCH)
-                    .map(|lines| (closed, lines))
+                    .read_to_close(id, from, FOLLOW_BATCH)
+                    .map(|(lines, closed)| (marked || closed, lines))
             })
             .await;
             match polled {
@@ -579,6 +657,7 @@ impl Follower {
                     if let Some(last) = lines.last() {
                         self.next = last.seq + 1;
                         self.buffer.extend(lines);
+                        self.done = closed;
                         continue;
                     }
                     if closed {

@@ -20,8 +20,9 @@
 //!   building needs no database and no offline query data.
 //! - **Transitions** are compare-and-set updates at READ COMMITTED
 //!   (`… WHERE id = $1 AND version = $2`); a loser gets `Conflict`, never a lost update. One
-//!   [`Batch`](shipinator_core::store::Batch) is one transaction, its fences checked first
-//!   under a row lock.
+//!   [`Batch`](shipinator_core::store::Batch) is one transaction, its fences checked under a
+//!   row lock; usually a single statement (one round trip), and statement by statement when
+//!   a precondition fails, so the error names it.
 //! - **Several drivers** share one database: runs and queued executions are claimed with
 //!   `FOR UPDATE SKIP LOCKED`, leases expire by the database clock (`now()`), and every claim
 //!   bumps the run's `lease_epoch`, which fences off a late writer.
@@ -48,6 +49,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 mod access;
 mod cancel;
 mod rows;
+mod script;
 mod store;
 mod wakeups;
 

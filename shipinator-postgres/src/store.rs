@@ -23,7 +23,7 @@ use crate::rows::{
     self, ARTIFACT_COLUMNS, EXECUTION_COLUMNS, PROJECT_COLUMNS, RUN_COLUMNS,
     RUN_COLUMNS_WITHOUT_SPEC, i32_of, i64_of, metadata_json, opt_ts, ts,
 };
-use crate::{Error, PgStore, WAKEUP_CHANNEL};
+use crate::{Error, PgStore, WAKEUP_CHANNEL, script};
 
 /// Serialises the numbering of committed events (see `number_events`).
 const EVENT_LOCK_KEY: i64 = 0x5348_4950_4556_5401;
@@ -128,7 +128,7 @@ async fn exists(conn: &mut PgConnection, sql: &'static str, id: Uuid) -> Result<
 /// notification at commit), so a driver's own fenced transitions, which wake no one else, are
 /// not announced. Announced: batches without a fence (input from outside a driver: a cancel,
 /// a worker's report) and batches that queue executions for pull workers.
-fn announce(batch: &Batch) -> bool {
+pub(crate) fn announce(batch: &Batch) -> bool {
     batch.fences.is_empty()
         || batch
             .writes
@@ -1177,6 +1177,10 @@ impl Store for PgStore {
         if batch.fences.is_empty() && batch.writes.is_empty() {
             return Ok(());
         }
+        if script::apply(&self.pool, batch).await? {
+            return Ok(());
+        }
+        // Nothing was written: find out which precondition failed, one statement at a time.
         let mut tx = self.pool.begin().await.map_err(db)?;
         if !batch.fences.is_empty() {
             let ids: Vec<Uuid> = batch.fences.iter().map(|f| f.run_id.0).collect();

@@ -40,6 +40,7 @@ pub mod bench;
 mod cancel;
 mod error;
 mod rows;
+mod script;
 mod store;
 
 use std::fmt;

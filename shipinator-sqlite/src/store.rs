@@ -21,7 +21,7 @@ use crate::rows::{
     pipeline_columns, project_columns, repository_columns, run_columns, run_columns_without_spec,
     stage_order, step_columns,
 };
-use crate::{BACKEND, SqliteStore};
+use crate::{BACKEND, SqliteStore, script};
 
 /// Maps a query error with no row to name.
 pub(crate) fn db(e: sqlx::Error) -> StoreError {
@@ -963,6 +963,13 @@ impl Store for SqliteStore {
         }
         let mut tx = begin_write(&self.writer).await?;
         // On error the transaction is dropped, which rolls it back.
+        if script::apply(&mut tx, batch).await? {
+            return tx.commit().await.map_err(db);
+        }
+        // A precondition failed: undo what the script wrote and find out which, one
+        // statement at a time.
+        tx.rollback().await.map_err(db)?;
+        let mut tx = begin_write(&self.writer).await?;
         apply_batch(&mut tx, batch).await?;
         tx.commit().await.map_err(db)
     }

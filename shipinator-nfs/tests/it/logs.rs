@@ -301,3 +301,107 @@ async fn the_cap_is_counted_from_the_index_after_a_restart() {
     assert_eq!(stored[0], line(599));
     assert_eq!(stored[1].stream, LogStream::System);
 }
+
+/// The names of the files in the log directory, sorted.
+fn files(store: &FsLogStore) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(store.dir())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn close_adds_no_file_and_closing_again_changes_nothing() {
+    let (_dir, store) = store();
+    let id = ExecutionId::new_v7();
+    store.append(id, &lines(0..300)).await.unwrap();
+    let before = files(&store);
+    store.close(id).await.unwrap();
+    assert_eq!(files(&store), before, "close creates no file");
+    let closed_len = std::fs::metadata(store.log_path(id)).unwrap().len();
+    store.close(id).await.unwrap();
+    assert_eq!(
+        std::fs::metadata(store.log_path(id)).unwrap().len(),
+        closed_len,
+        "a second close writes nothing"
+    );
+    assert_eq!(store.read(id, 0, 1000).await.unwrap(), lines(0..300));
+    assert_eq!(store.read(id, 299, 10).await.unwrap(), lines(299..300));
+    assert!(store.read(id, 300, 10).await.unwrap().is_empty());
+    let err = store.append(id, &[line(300)]).await.unwrap_err();
+    assert!(matches!(err, LogError::Closed { .. }), "{err:?}");
+    // A retried append of stored lines is refused too: the log is closed.
+    let err = store.append(id, &lines(0..3)).await.unwrap_err();
+    assert!(matches!(err, LogError::Closed { .. }), "{err:?}");
+    // A follower that asks for exactly the stored lines ends after them.
+    let all: Vec<_> = store.follow(id, 0).await.unwrap().collect().await;
+    assert_eq!(all.len(), 300);
+    // Another process (a fresh store on the same volume) sees the close.
+    let other = FsLogStore::new(store.dir().parent().unwrap()).unwrap();
+    let err = other.append(id, &[line(300)]).await.unwrap_err();
+    assert!(matches!(err, LogError::Closed { .. }), "{err:?}");
+    let all: Vec<_> = other.follow(id, 298).await.unwrap().collect().await;
+    assert_eq!(
+        all.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+        lines(298..300)
+    );
+}
+
+#[tokio::test]
+async fn closing_a_log_that_never_logged_ends_its_followers() {
+    let (_dir, store) = store();
+    let id = ExecutionId::new_v7();
+    let follow = store.follow(id, 0).await.unwrap();
+    store.close(id).await.unwrap();
+    assert_eq!(follow.collect::<Vec<_>>().await.len(), 0);
+    assert!(store.read(id, 0, 10).await.unwrap().is_empty());
+    let err = store.append(id, &lines(0..1)).await.unwrap_err();
+    assert!(matches!(err, LogError::Closed { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn close_cuts_off_a_line_torn_by_a_crash() {
+    let (_dir, store) = store();
+    let id = ExecutionId::new_v7();
+    store.append(id, &lines(0..5)).await.unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(store.log_path(id))
+        .unwrap();
+    f.write_all(br#"{"seq":5,"at":1,"stream":"stdo"#).unwrap();
+    drop(f);
+    store.close(id).await.unwrap();
+    assert_eq!(store.read(id, 0, 100).await.unwrap(), lines(0..5));
+    let all: Vec<_> = store.follow(id, 0).await.unwrap().collect().await;
+    assert_eq!(
+        all.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+        lines(0..5)
+    );
+    let err = store.append(id, &[line(5)]).await.unwrap_err();
+    assert!(matches!(err, LogError::Closed { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_log_closed_with_a_marker_file_stays_closed() {
+    // Earlier versions closed a log by creating `<id>.closed` next to it.
+    let (_dir, store) = store();
+    let id = ExecutionId::new_v7();
+    store.append(id, &lines(0..4)).await.unwrap();
+    std::fs::File::create(store.dir().join(format!("{id}.closed"))).unwrap();
+    let err = store.append(id, &[line(4)]).await.unwrap_err();
+    assert!(matches!(err, LogError::Closed { .. }), "{err:?}");
+    let all: Vec<_> = store.follow(id, 1).await.unwrap().collect().await;
+    assert_eq!(
+        all.into_iter().map(Result::unwrap).collect::<Vec<_>>(),
+        lines(1..4)
+    );
+    store.close(id).await.unwrap();
+    store.delete(id).await.unwrap();
+    assert!(
+        files(&store)
+            .iter()
+            .all(|f| !f.starts_with(&id.to_string()) || f.ends_with(".deleted"))
+    );
+}

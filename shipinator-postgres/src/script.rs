@@ -1,0 +1,559 @@
+//! A whole [`Batch`] as one statement: one round trip, and no `BEGIN`/`COMMIT` of its own.
+//!
+//! The writes of each kind go in as arrays to one data-modifying CTE each (fences, the four
+//! compare-and-set updates, the two inserts, the events); the final `SELECT` compares the
+//! rows each CTE reports with the number it was given and, if any precondition failed (a
+//! fence, a conflict, an idempotent replay, a missing row), raises an error, which undoes the
+//! whole statement. The caller then applies the batch in a transaction, statement by
+//! statement, which tells those cases apart exactly as before. The text never changes, so the
+//! statement is prepared once per connection.
+//!
+//! All CTEs of one statement see the same snapshot and may not write one row twice, so a
+//! batch writing a row twice (or inserting and then updating one execution) is never sent
+//! this way.
+
+use std::collections::HashSet;
+
+use shipinator_core::store::{Batch, StoreError, Write};
+use sqlx::PgPool;
+use sqlx::types::time::OffsetDateTime;
+use uuid::Uuid;
+
+use crate::WAKEUP_CHANNEL;
+use crate::rows::{i64_of, metadata_json, opt_ts, ts};
+use crate::store::{announce, db, from_rows};
+
+/// What the final `SELECT` raises when a precondition failed; never raised otherwise.
+const FAILED: &str = "shipinator: a precondition of the batch failed";
+
+const SQL: &str = "WITH \
+    fence AS (SELECT r.id FROM pipeline_runs r \
+      JOIN UNNEST($1::UUID[], $2::BIGINT[]) AS f(id, epoch) \
+        ON r.id = f.id AND r.lease_epoch = f.epoch \
+      ORDER BY r.id FOR NO KEY UPDATE OF r), \
+    runs AS (UPDATE pipeline_runs t SET status = u.status, phase = u.phase, \
+        started_at = u.started_at, finished_at = u.finished_at, version = t.version + 1 \
+      FROM UNNEST($3::UUID[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], $7::TIMESTAMPTZ[], \
+        $8::TIMESTAMPTZ[]) AS u(id, expected, status, phase, started_at, finished_at) \
+      WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
+    jobs AS (UPDATE jobs t SET status = u.status, started_at = u.started_at, \
+        finished_at = u.finished_at, version = t.version + 1 \
+      FROM UNNEST($9::UUID[], $10::BIGINT[], $11::TEXT[], $12::TIMESTAMPTZ[], \
+        $13::TIMESTAMPTZ[]) AS u(id, expected, status, started_at, finished_at) \
+      WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
+    steps AS (UPDATE job_steps t SET status = u.status, attempt = u.attempt, \
+        started_at = u.started_at, finished_at = u.finished_at, version = t.version + 1 \
+      FROM UNNEST($14::UUID[], $15::BIGINT[], $16::TEXT[], $17::BIGINT[], \
+        $18::TIMESTAMPTZ[], $19::TIMESTAMPTZ[]) \
+        AS u(id, expected, status, attempt, started_at, finished_at) \
+      WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
+    execs AS (UPDATE executions t SET status = u.status, external_id = u.external_id, \
+        exit_code = u.exit_code, failure = u.failure, completed_at = u.completed_at, \
+        version = t.version + 1 \
+      FROM UNNEST($20::UUID[], $21::BIGINT[], $22::TEXT[], $23::TEXT[], $24::INTEGER[], \
+        $25::TEXT[], $26::TIMESTAMPTZ[]) \
+        AS u(id, expected, status, external_id, exit_code, failure, completed_at) \
+      WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
+    new_execs AS (INSERT INTO executions (id, job_step_id, attempt, executor_type, \
+        external_id, status, exit_code, failure, version, submitted_at, completed_at) \
+      SELECT * FROM UNNEST($27::UUID[], $28::UUID[], $29::BIGINT[], $30::TEXT[], $31::TEXT[], \
+        $32::TEXT[], $33::INTEGER[], $34::TEXT[], $35::BIGINT[], $36::TIMESTAMPTZ[], \
+        $37::TIMESTAMPTZ[]) \
+      ON CONFLICT (id) DO NOTHING RETURNING id), \
+    new_artifacts AS (INSERT INTO artifacts (id, job_id, step_id, run_id, artifact_type, \
+        name, path, storage_backend, storage_path, checksum, size, metadata, created_at) \
+      SELECT * FROM UNNEST($38::UUID[], $39::UUID[], $40::UUID[], $41::UUID[], $42::TEXT[], \
+        $43::TEXT[], $44::TEXT[], $45::TEXT[], $46::TEXT[], $47::TEXT[], $48::BIGINT[], \
+        $49::JSONB[], $50::TIMESTAMPTZ[]) \
+      ON CONFLICT (id) DO NOTHING RETURNING id), \
+    events AS (INSERT INTO run_events (run_id, at, kind) \
+      SELECT r, a, k FROM UNNEST($51::UUID[], $52::TIMESTAMPTZ[], $53::JSONB[]) \
+        WITH ORDINALITY AS e(r, a, k, n) ORDER BY n \
+      RETURNING id) \
+    SELECT (CASE WHEN (SELECT count(*) FROM fence) = cardinality($1::UUID[]) \
+        AND (SELECT count(*) FROM runs) = cardinality($3::UUID[]) \
+        AND (SELECT count(*) FROM jobs) = cardinality($9::UUID[]) \
+        AND (SELECT count(*) FROM steps) = cardinality($14::UUID[]) \
+        AND (SELECT count(*) FROM execs) = cardinality($20::UUID[]) \
+        AND (SELECT count(*) FROM new_execs) = cardinality($27::UUID[]) \
+        AND (SELECT count(*) FROM new_artifacts) = cardinality($38::UUID[]) \
+        AND (SELECT count(*) FROM events) = cardinality($51::UUID[]) \
+      THEN NULL ELSE $56::TEXT END)::INTEGER AS failed, \
+      CASE WHEN $54::BOOLEAN THEN pg_notify($55::TEXT, '') END AS notified";
+
+/// The columns of a batch, one array per column, in the statement's parameter order.
+#[derive(Default)]
+struct Columns<'a> {
+    fence_ids: Vec<Uuid>,
+    fence_epochs: Vec<i64>,
+
+    run_ids: Vec<Uuid>,
+    run_expected: Vec<i64>,
+    run_statuses: Vec<&'static str>,
+    run_phases: Vec<&'static str>,
+    run_started: Vec<Option<OffsetDateTime>>,
+    run_finished: Vec<Option<OffsetDateTime>>,
+
+    job_ids: Vec<Uuid>,
+    job_expected: Vec<i64>,
+    job_statuses: Vec<&'static str>,
+    job_started: Vec<Option<OffsetDateTime>>,
+    job_finished: Vec<Option<OffsetDateTime>>,
+
+    step_ids: Vec<Uuid>,
+    step_expected: Vec<i64>,
+    step_statuses: Vec<&'static str>,
+    step_attempts: Vec<i64>,
+    step_started: Vec<Option<OffsetDateTime>>,
+    step_finished: Vec<Option<OffsetDateTime>>,
+
+    exec_ids: Vec<Uuid>,
+    exec_expected: Vec<i64>,
+    exec_statuses: Vec<&'static str>,
+    exec_external_ids: Vec<&'a str>,
+    exec_exit_codes: Vec<Option<i32>>,
+    exec_failures: Vec<Option<&'a str>>,
+    exec_completed: Vec<Option<OffsetDateTime>>,
+
+    new_exec_ids: Vec<Uuid>,
+    new_exec_steps: Vec<Uuid>,
+    new_exec_attempts: Vec<i64>,
+    new_exec_types: Vec<&'a str>,
+    new_exec_external_ids: Vec<&'a str>,
+    new_exec_statuses: Vec<&'static str>,
+    new_exec_exit_codes: Vec<Option<i32>>,
+    new_exec_failures: Vec<Option<&'a str>>,
+    new_exec_versions: Vec<i64>,
+    new_exec_submitted: Vec<OffsetDateTime>,
+    new_exec_completed: Vec<Option<OffsetDateTime>>,
+
+    art_ids: Vec<Uuid>,
+    art_jobs: Vec<Uuid>,
+    art_steps: Vec<Option<Uuid>>,
+    art_runs: Vec<Uuid>,
+    art_types: Vec<&'static str>,
+    art_names: Vec<Option<&'a str>>,
+    art_paths: Vec<Option<&'a str>>,
+    art_backends: Vec<&'a str>,
+    art_storage_paths: Vec<&'a str>,
+    art_checksums: Vec<Option<&'a str>>,
+    art_sizes: Vec<i64>,
+    art_metadata: Vec<serde_json::Value>,
+    art_created: Vec<OffsetDateTime>,
+
+    event_runs: Vec<Uuid>,
+    event_ats: Vec<OffsetDateTime>,
+    event_kinds: Vec<serde_json::Value>,
+}
+
+fn expected(v: u64) -> Result<i64, StoreError> {
+    i64_of("expected_version", v).map_err(from_rows)
+}
+
+impl<'a> Columns<'a> {
+    /// The columns of `batch`, or `None` when it writes some row twice.
+    fn of(batch: &'a Batch) -> Result<Option<Self>, StoreError> {
+        let mut c = Self::default();
+        let mut written: HashSet<(&'static str, Uuid)> = HashSet::new();
+        for fence in &batch.fences {
+            c.fence_ids.push(fence.run_id.0);
+            c.fence_epochs
+                .push(i64_of("epoch", fence.epoch).map_err(from_rows)?);
+        }
+        for write in &batch.writes {
+            let key = match write {
+                Write::UpdateRun { id, .. } => Some(("run", id.0)),
+                Write::UpdateJob { id, .. } => Some(("job", id.0)),
+                Write::UpdateStep { id, .. } => Some(("step", id.0)),
+                Write::UpdateExecution { id, .. } => Some(("execution", id.0)),
+                Write::InsertExecution(e) => Some(("execution", e.id.0)),
+                Write::InsertArtifact(a) => Some(("artifact", a.id.0)),
+                Write::AppendEvent(_) => None,
+            };
+            if let Some(key) = key
+                && !written.insert(key)
+            {
+                return Ok(None);
+            }
+            c.push(write)?;
+        }
+        Ok(Some(c))
+    }
+
+    fn push(&mut self, write: &'a Write) -> Result<(), StoreError> {
+        match write {
+            Write::UpdateRun {
+                id,
+                expected_version,
+                status,
+                phase,
+                started_at,
+                finished_at,
+            } => {
+                self.run_ids.push(id.0);
+                self.run_expected.push(expected(*expected_version)?);
+                self.run_statuses.push(status.as_str());
+                self.run_phases.push(phase.as_str());
+                self.run_started.push(opt_ts(*started_at));
+                self.run_finished.push(opt_ts(*finished_at));
+            }
+            Write::UpdateJob {
+                id,
+                expected_version,
+                status,
+                started_at,
+                finished_at,
+            } => {
+                self.job_ids.push(id.0);
+                self.job_expected.push(expected(*expected_version)?);
+                self.job_statuses.push(status.as_str());
+                self.job_started.push(opt_ts(*started_at));
+                self.job_finished.push(opt_ts(*finished_at));
+            }
+            Write::UpdateStep {
+                id,
+                expected_version,
+                status,
+                attempt,
+                started_at,
+                finished_at,
+            } => {
+                self.step_ids.push(id.0);
+                self.step_expected.push(expected(*expected_version)?);
+                self.step_statuses.push(status.as_str());
+                self.step_attempts.push(i64::from(*attempt));
+                self.step_started.push(opt_ts(*started_at));
+                self.step_finished.push(opt_ts(*finished_at));
+            }
+            Write::UpdateExecution {
+                id,
+                expected_version,
+                status,
+                external_id,
+                exit_code,
+                failure,
+                completed_at,
+            } => {
+                self.exec_ids.push(id.0);
+                self.exec_expected.push(expected(*expected_version)?);
+                self.exec_statuses.push(status.as_str());
+                self.exec_external_ids.push(external_id.as_str());
+                self.exec_exit_codes.push(*exit_code);
+                self.exec_failures.push(failure.as_deref());
+                self.exec_completed.push(opt_ts(*completed_at));
+            }
+            Write::InsertExecution(e) => {
+                self.new_exec_ids.push(e.id.0);
+                self.new_exec_steps.push(e.job_step_id.0);
+                self.new_exec_attempts.push(i64::from(e.attempt));
+                self.new_exec_types.push(e.executor_type.as_str());
+                self.new_exec_external_ids.push(e.external_id.as_str());
+                self.new_exec_statuses.push(e.status.as_str());
+                self.new_exec_exit_codes.push(e.exit_code);
+                self.new_exec_failures.push(e.failure.as_deref());
+                self.new_exec_versions
+                    .push(i64_of("version", e.version).map_err(from_rows)?);
+                self.new_exec_submitted.push(ts(e.submitted_at));
+                self.new_exec_completed.push(opt_ts(e.completed_at));
+            }
+            Write::InsertArtifact(a) => {
+                self.art_ids.push(a.id.0);
+                self.art_jobs.push(a.job_id.0);
+                self.art_steps.push(a.step_id.map(|s| s.0));
+                self.art_runs.push(a.run_id.0);
+                self.art_types.push(a.artifact_type.as_str());
+                self.art_names.push(a.name.as_deref());
+                self.art_paths.push(a.path.as_deref());
+                self.art_backends.push(a.storage_backend.as_str());
+                self.art_storage_paths.push(a.storage_path.as_str());
+                self.art_checksums.push(a.checksum.as_deref());
+                self.art_sizes
+                    .push(i64_of("size", a.size).map_err(from_rows)?);
+                self.art_metadata.push(metadata_json(&a.metadata));
+                self.art_created.push(ts(a.created_at));
+            }
+            Write::AppendEvent(e) => {
+                self.event_runs.push(e.run_id.0);
+                self.event_ats.push(ts(e.at));
+                self.event_kinds
+                    .push(
+                        serde_json::to_value(&e.kind).map_err(|err| StoreError::Backend {
+                            backend: "postgres",
+                            source: Box::new(err),
+                        })?,
+                    );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Applies `batch` in one statement. `Ok(true)`: committed. `Ok(false)`: nothing was written
+/// (a precondition failed, the batch writes a row twice, or the database refused a
+/// statement); the caller applies it statement by statement.
+///
+/// # Errors
+/// The database could not be reached.
+pub(crate) async fn apply(pool: &PgPool, batch: &Batch) -> Result<bool, StoreError> {
+    let Some(c) = Columns::of(batch)? else {
+        return Ok(false);
+    };
+    let result = sqlx::query(SQL)
+        .bind(&c.fence_ids)
+        .bind(&c.fence_epochs)
+        .bind(&c.run_ids)
+        .bind(&c.run_expected)
+        .bind(&c.run_statuses)
+        .bind(&c.run_phases)
+        .bind(&c.run_started)
+        .bind(&c.run_finished)
+        .bind(&c.job_ids)
+        .bind(&c.job_expected)
+        .bind(&c.job_statuses)
+        .bind(&c.job_started)
+        .bind(&c.job_finished)
+        .bind(&c.step_ids)
+        .bind(&c.step_expected)
+        .bind(&c.step_statuses)
+        .bind(&c.step_attempts)
+        .bind(&c.step_started)
+        .bind(&c.step_finished)
+        .bind(&c.exec_ids)
+        .bind(&c.exec_expected)
+        .bind(&c.exec_statuses)
+        .bind(&c.exec_external_ids)
+        .bind(&c.exec_exit_codes)
+        .bind(&c.exec_failures)
+        .bind(&c.exec_completed)
+        .bind(&c.new_exec_ids)
+        .bind(&c.new_exec_steps)
+        .bind(&c.new_exec_attempts)
+        .bind(&c.new_exec_types)
+        .bind(&c.new_exec_external_ids)
+        .bind(&c.new_exec_statuses)
+        .bind(&c.new_exec_exit_codes)
+        .bind(&c.new_exec_failures)
+        .bind(&c.new_exec_versions)
+        .bind(&c.new_exec_submitted)
+        .bind(&c.new_exec_completed)
+        .bind(&c.art_ids)
+        .bind(&c.art_jobs)
+        .bind(&c.art_steps)
+        .bind(&c.art_runs)
+        .bind(&c.art_types)
+        .bind(&c.art_names)
+        .bind(&c.art_paths)
+        .bind(&c.art_backends)
+        .bind(&c.art_storage_paths)
+        .bind(&c.art_checksums)
+        .bind(&c.art_sizes)
+        .bind(&c.art_metadata)
+        .bind(&c.art_created)
+        .bind(&c.event_runs)
+        .bind(&c.event_ats)
+        .bind(&c.event_kinds)
+        .bind(announce(batch))
+        .bind(WAKEUP_CHANNEL)
+        .bind(FAILED)
+        .execute(pool)
+        .await;
+    match result {
+        Ok(_) => Ok(true),
+        Err(sqlx::Error::Database(e)) => {
+            if !e.message().contains(FAILED) {
+                tracing::debug!(error = %e, "a batch was refused; applying it statement by statement");
+            }
+            Ok(false)
+        }
+        Err(e) => Err(db(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use shipinator_core::conformance::store::{fixture, new_artifact, new_execution, new_run};
+    use shipinator_core::domain::{JobType, RunPhase, RunStatus, Status, Trigger};
+    use shipinator_core::store::{Fence, RunEvent, RunEventKind, Store};
+
+    use super::*;
+    use crate::PgStore;
+    use crate::testing::TestCluster;
+
+    async fn store() -> PgStore {
+        let cluster = tokio::task::spawn_blocking(TestCluster::shared)
+            .await
+            .unwrap()
+            .unwrap();
+        let url = cluster.create_database().await.unwrap();
+        PgStore::connect(&url).await.unwrap()
+    }
+
+    /// A step starting, as the engine commits it: a fenced batch updating the run, its job
+    /// and its step, inserting the execution and an artifact, and appending an event.
+    async fn step_start(store: &PgStore) -> Batch {
+        let fx = fixture(store).await;
+        let new = new_run(fx.pipeline.id, "main", Trigger::Push, fx.now);
+        store.create_run(&new).await.unwrap();
+        let lease = store
+            .claim_runs("script-test", Duration::from_secs(60), 10)
+            .await
+            .unwrap()
+            .into_iter()
+            .find(|l| l.run_id == new.run.id)
+            .unwrap();
+        let job = new
+            .jobs
+            .iter()
+            .find(|j| j.job_type == JobType::Build)
+            .unwrap();
+        let step = new.steps.iter().find(|s| s.job_id == job.id).unwrap();
+        let execution = new_execution(step.id, 1, "local", fx.now);
+        Batch {
+            fences: vec![Fence {
+                run_id: new.run.id,
+                epoch: lease.epoch,
+            }],
+            writes: vec![
+                Write::UpdateRun {
+                    id: new.run.id,
+                    expected_version: 0,
+                    status: RunStatus::Running,
+                    phase: RunPhase::Building,
+                    started_at: Some(fx.now),
+                    finished_at: None,
+                },
+                Write::UpdateJob {
+                    id: job.id,
+                    expected_version: 0,
+                    status: Status::Running,
+                    started_at: Some(fx.now),
+                    finished_at: None,
+                },
+                Write::UpdateStep {
+                    id: step.id,
+                    expected_version: 0,
+                    status: Status::Running,
+                    attempt: 1,
+                    started_at: Some(fx.now),
+                    finished_at: None,
+                },
+                Write::InsertExecution(execution),
+                Write::InsertArtifact(new_artifact(new.run.id, job.id, Some(step.id), fx.now)),
+                Write::AppendEvent(RunEvent {
+                    run_id: new.run.id,
+                    at: fx.now,
+                    kind: RunEventKind::StepChanged {
+                        step_id: step.id,
+                        status: Status::Running,
+                        attempt: 1,
+                    },
+                }),
+            ],
+        }
+    }
+
+    fn run_of(batch: &Batch) -> shipinator_core::domain::RunId {
+        match batch.writes[0] {
+            Write::UpdateRun { id, .. } => id,
+            _ => panic!("the first write updates the run"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_whose_preconditions_hold_is_one_statement() {
+        let store = store().await;
+        let batch = step_start(&store).await;
+        let run = run_of(&batch);
+        assert!(
+            apply(&store.pool, &batch).await.unwrap(),
+            "a fresh batch applies"
+        );
+        let record = store.load_run(run).await.unwrap();
+        assert_eq!(record.run.status, RunStatus::Running);
+        assert_eq!(record.run.phase, RunPhase::Building);
+        assert_eq!(record.run.version, 1);
+        assert_eq!(record.jobs.iter().filter(|j| j.version == 1).count(), 1);
+        assert_eq!(record.steps.iter().filter(|s| s.version == 1).count(), 1);
+        assert_eq!(record.executions.len(), 1);
+        assert_eq!(record.artifacts.len(), 1);
+        let events = store.list_events(0, 1000).await.unwrap();
+        assert_eq!(events.iter().filter(|e| e.event.run_id == run).count(), 1);
+
+        // The same batch again: the compare-and-sets fail, nothing is written, and the
+        // transaction path decides (an identical replay).
+        assert!(!apply(&store.pool, &batch).await.unwrap());
+        assert_eq!(
+            store.list_events(0, 1000).await.unwrap().len(),
+            events.len()
+        );
+        store.commit(&batch).await.unwrap();
+        assert_eq!(store.load_run(run).await.unwrap().run.version, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_precondition_writes_nothing() {
+        let store = store().await;
+        let batch = step_start(&store).await;
+        let run = run_of(&batch);
+
+        let mut fenced = batch.clone();
+        fenced.fences[0].epoch += 1;
+        assert!(
+            !apply(&store.pool, &fenced).await.unwrap(),
+            "a stale epoch fails"
+        );
+        let err = store.commit(&fenced).await.unwrap_err();
+        assert!(matches!(err, StoreError::Fenced { .. }), "{err:?}");
+
+        let mut stale = batch.clone();
+        if let Write::UpdateStep {
+            expected_version, ..
+        } = &mut stale.writes[2]
+        {
+            *expected_version = 5;
+        }
+        assert!(
+            !apply(&store.pool, &stale).await.unwrap(),
+            "a stale version fails"
+        );
+        let err = store.commit(&stale).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict { what: "step", .. }),
+            "{err:?}"
+        );
+
+        let record = store.load_run(run).await.unwrap();
+        assert_eq!(record.run.version, 0, "no write of a failed batch is kept");
+        assert!(record.executions.is_empty());
+        assert!(record.artifacts.is_empty());
+        assert!(store.list_events(0, 1000).await.unwrap().is_empty());
+
+        // A batch writing one row twice is never sent as one statement.
+        let mut twice = batch.clone();
+        twice.writes.push(Write::UpdateStep {
+            id: match batch.writes[2] {
+                Write::UpdateStep { id, .. } => id,
+                _ => panic!("the third write updates the step"),
+            },
+            expected_version: 1,
+            status: Status::Succeeded,
+            attempt: 1,
+            started_at: None,
+            finished_at: None,
+        });
+        assert!(!apply(&store.pool, &twice).await.unwrap());
+        assert_eq!(store.load_run(run).await.unwrap().run.version, 0);
+        store.commit(&twice).await.unwrap();
+        let record = store.load_run(run).await.unwrap();
+        assert_eq!(
+            record
+                .steps
+                .iter()
+                .filter(|s| s.status == Status::Succeeded)
+                .count(),
+            1
+        );
+    }
+}
