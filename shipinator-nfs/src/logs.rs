@@ -49,11 +49,13 @@ const TAIL_CHUNK: u64 = 8 << 10;
 /// still honoured.
 ///
 /// # Durability
-/// Nothing here is fsynced: a step's status lives in the store, which is durable, and its log
-/// is a record of output. After an operating-system crash a log may lose its last lines, and
-/// with them the close record; since the log only ever grows at its end, what survives is a
-/// prefix, so a close record that survives still follows every line before it, and a line
-/// torn by the crash is never read (the next append or close cuts it off).
+/// Appends are not fsynced: a step's status lives in the store, which is durable, and a
+/// running step's log is a record of output. `close` flushes the log once (`fdatasync`) after
+/// writing the close record, and the worker closes a step's log before it reports the step's
+/// end, so a step the store records as ended keeps its whole log, close record included, after
+/// a power loss. Before that, a crash may cost a log its last lines; since the log only ever
+/// grows at its end, what survives is a prefix, and a line torn by the crash is never read
+/// (the next append or close cuts it off).
 ///
 /// # Several processes
 /// Appends take an exclusive `flock` on the log file, so a worker process and the server can
@@ -556,7 +558,11 @@ impl Inner {
                 .map_err(|e| Error::io("truncate", &path, e))?;
         }
         log.write_all(CLOSE_RECORD)
-            .map_err(|e| Error::io("write", &path, e))
+            .map_err(|e| Error::io("write", &path, e))?;
+        // Durable once closed: a step recorded as ended keeps its whole log, and followers
+        // see its end, even after a power loss. One flush of data already written; no new
+        // file.
+        log.sync_data().map_err(|e| Error::io("sync", &path, e))
     }
 
     fn delete(&self, id: ExecutionId) -> Result<(), Error> {
