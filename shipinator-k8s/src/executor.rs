@@ -30,7 +30,7 @@ use crate::manifest::{
     EXECUTION_ANNOTATION, EXECUTION_LABEL, MANAGED_BY, MANAGED_BY_LABEL, RUN_LABEL, STEP_CONTAINER,
     job_manifest, job_name,
 };
-use crate::status::{Observed, observe};
+use crate::status::{Observed, finished, observe};
 
 /// Issues the per-execution callback token put in `SHIPINATOR_EXECUTION_TOKEN`.
 pub type TokenProvider = Arc<dyn Fn(&ExecutionSpec) -> Option<String> + Send + Sync>;
@@ -428,8 +428,15 @@ impl Shared {
     }
 
     /// The current state of `id` from the cache, fetching pods when the Job failed and the
-    /// cached pods do not tell why. `None` when the Job is not cached.
-    async fn evaluate(&self, id: ExecutionId) -> Result<Option<ExecutionState>, Error> {
+    /// cached pods do not tell why. A completed Job whose cached pods do not carry the
+    /// worker's report is still running for a watch's refresh (`settled_by_watch`: the pod's
+    /// own event follows and refreshes it, at no cost), and its pods are read afresh for
+    /// anyone else. `None` when the Job is not cached.
+    async fn evaluate(
+        &self,
+        id: ExecutionId,
+        settled_by_watch: bool,
+    ) -> Result<Option<ExecutionState>, Error> {
         let (seen, pods) = {
             let cache = self.cache();
             if let Some(s) = cache.terminal.get(&id) {
@@ -459,10 +466,14 @@ impl Shared {
             }
         };
         let mut observed = observe(id, &job, pods.as_deref());
-        // Cached pods may lag behind the Job: when the Job failed and they do not say how,
-        // read them afresh (a rare path, one request).
+        if settled_by_watch && observed == Observed::CompleteUnreported {
+            return Ok(Some(ExecutionState::Running));
+        }
+        // Cached pods may lag behind the Job: when the Job failed and they do not say how, or
+        // completed and they do not carry the worker's report, read them afresh (a rare
+        // path, one request).
         let failed_unclear = match &observed {
-            Observed::NeedPods => true,
+            Observed::NeedPods | Observed::CompleteUnreported => true,
             Observed::State(ExecutionState::Lost { .. }) => pods.is_some(),
             Observed::State(ExecutionState::Finished(r)) => r.exit_code == -1 && pods.is_some(),
             Observed::State(_) | Observed::PullFailing(_) => false,
@@ -507,6 +518,9 @@ impl Shared {
             Observed::NeedPods => ExecutionState::Lost {
                 reason: "the job failed and its pods cannot be read".to_owned(),
             },
+            // Read afresh and still no report (a worker always writes one before it exits 0):
+            // the step container completed, so the step succeeded.
+            Observed::CompleteUnreported => self.record(id, finished(id, 0, None)),
         }
     }
 
@@ -562,7 +576,7 @@ impl Shared {
     }
 
     async fn refresh(&self, id: ExecutionId) {
-        if let Err(e) = self.evaluate(id).await {
+        if let Err(e) = self.evaluate(id, true).await {
             tracing::warn!(execution = %id, error = %e, "cannot evaluate execution");
         }
     }
@@ -739,7 +753,7 @@ impl K8sExecutor {
                 let Some(id) = shared.put_job(obj, &ns) else {
                     continue;
                 };
-                let state = match shared.evaluate(id).await {
+                let state = match shared.evaluate(id, false).await {
                     Ok(Some(s)) => s,
                     Ok(None) => continue,
                     Err(e) => return Err(e.into()),
@@ -850,14 +864,14 @@ impl K8sExecutor {
         if shared.cache().canceled.contains(&id) {
             return Ok(shared.record(id, ExecutionState::Canceled));
         }
-        if let Some(state) = shared.evaluate(id).await? {
+        if let Some(state) = shared.evaluate(id, false).await? {
             return Ok(state);
         }
         match self.get_owned(id).await? {
             Some(job) => {
                 self.cache_job(id, job);
                 Ok(shared
-                    .evaluate(id)
+                    .evaluate(id, false)
                     .await?
                     .unwrap_or(ExecutionState::Pending))
             }

@@ -24,9 +24,12 @@ pub(crate) enum Observed {
     PullFailing(String),
     /// The Job failed; the pods are needed to tell a user failure from a lost pod.
     NeedPods,
+    /// The Job completed, but the pods seen carry no worker report (they may lag behind the
+    /// Job): read them afresh before taking the completion as a success.
+    CompleteUnreported,
 }
 
-fn finished(id: ExecutionId, exit_code: i32, failure: Option<String>) -> ExecutionState {
+pub(crate) fn finished(id: ExecutionId, exit_code: i32, failure: Option<String>) -> ExecutionState {
     ExecutionState::Finished(ExecutionResult {
         exit_code,
         logs_uri: Some(logs_uri(id)),
@@ -149,11 +152,13 @@ pub(crate) fn observe(id: ExecutionId, job: &Job, pods: Option<&[Pod]>) -> Obser
         || job.status.as_ref().and_then(|s| s.succeeded).unwrap_or(0) > 0
     {
         // The worker reported; its termination message says what, so this report and the
-        // callback agree whichever reaches the engine first.
+        // callback agree whichever reaches the engine first. A worker exits 0 after reporting
+        // a failed step too, so a completion is never read as a success without its report
+        // while the pods may still show it.
         if let Some(state) = pods.and_then(reported) {
             return Observed::State(state);
         }
-        return Observed::State(finished(id, 0, None));
+        return Observed::CompleteUnreported;
     }
     if let Some(failed) = condition(job, "Failed") {
         let reason = failed.reason.as_deref().unwrap_or("");
@@ -289,15 +294,15 @@ mod tests {
             panic!("not finished");
         };
         assert_eq!((r.exit_code, r.logs_uri.as_deref()), (3, Some("logs://x")));
-        // Truncated or foreign: exit 0 as before.
+        // Truncated, foreign or not there yet: no success is read from these pods; the
+        // executor reads them afresh first.
         for message in [&report[..report.len() / 2], "", "done"] {
-            let Observed::State(ExecutionState::Finished(r)) =
-                observe(id(), &complete, Some(&[with_message(message)]))
-            else {
-                panic!("not finished");
-            };
-            assert_eq!(r.exit_code, 0);
+            assert_eq!(
+                observe(id(), &complete, Some(&[with_message(message)])),
+                Observed::CompleteUnreported
+            );
         }
+        assert_eq!(observe(id(), &complete, None), Observed::CompleteUnreported);
         let lost = json!({"status": "lost", "exit_code": null, "logs_uri": null, "artifacts": [],
             "failure": "stopped"})
         .to_string();
@@ -377,7 +382,7 @@ mod tests {
         expect![[r#"
             no status, no pods: State(Pending)
             ready: State(Running)
-            complete: Finished(exit 0, failure None)
+            complete: CompleteUnreported
             complete condition false: State(Pending)
             failed, pods unknown: NeedPods
             failed, exit 3: State(Lost { reason: "the worker exited with code 3 without reporting the step's result" })

@@ -592,9 +592,11 @@ impl FakeApi {
         self.put_job(&j);
     }
 
-    /// The step container exits with `code`; the Job completes or fails.
+    /// The step container exits with `code`; the Job completes or fails. A completed step
+    /// carries the report a worker writes before it exits 0 (a success); a failed one none.
     pub fn finish(&self, job: &str, code: i32) {
-        self.finish_with_message(job, code, None);
+        let report = (code == 0).then(|| r#"{"status":"success","exit_code":0}"#.to_owned());
+        self.finish_with_message(job, code, report);
     }
 
     /// The step container exits with `code` and termination message `message`; the Job
