@@ -325,11 +325,15 @@ impl DriverHandle {
     }
 
     /// Waits until the run is terminal and returns it, as stored. A run this driver owns wakes
-    /// the waiter when it ends; any other run is checked every poll interval.
+    /// the waiter when it ends; any other run (owned by another driver, or by none yet) is read
+    /// from the store at a short interval: from 10 ms, doubling up to 200 ms (or the poll
+    /// interval, if shorter), so the caller learns of its end within about 200 ms.
     ///
     /// # Errors
     /// Store errors other than `Unavailable` (which is retried); [`DriverError::Stopped`].
     pub async fn wait_for_run(&self, run: RunId) -> Result<PipelineRun, DriverError> {
+        let cap = WAIT_POLL_MAX.min(self.poll_interval);
+        let mut delay = WAIT_POLL_MIN.min(cap);
         loop {
             let (tx, rx) = oneshot::channel();
             self.tx
@@ -348,8 +352,11 @@ impl DriverHandle {
                 // Owned and ended, or not answered yet: look again.
                 Ok(Ok(true)) | Err(_) => {}
                 Ok(Err(_)) => return Err(DriverError::Stopped),
-                // Not owned here: poll.
-                Ok(Ok(false)) => tokio::time::sleep(self.poll_interval).await,
+                // Not owned here: read the store again shortly.
+                Ok(Ok(false)) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(cap);
+                }
             }
         }
     }
@@ -370,6 +377,14 @@ impl DriverHandle {
             let _ = task.await;
         }
         Ok(())
+    }
+
+    /// Hands the driver a run as [`submit_run`](Self::submit_run) does after creating it,
+    /// without creating it: tests use it to deliver the message late, after a claim
+    /// overtook it.
+    #[cfg(test)]
+    pub(crate) fn send_created(&self, new: NewRun, doc: RunDocument) {
+        let _ = self.tx.send(Msg::Created(Box::new(new), Arc::new(doc)));
     }
 
     /// Stops the driver at once, committing and releasing nothing, as a crash would. Its
@@ -448,6 +463,11 @@ enum Fx {
     /// The answer to the submission of an execution.
     Submitted(ExecutionId, Input),
 }
+
+/// First and longest interval between two store reads of `wait_for_run` for a run this
+/// driver does not own.
+const WAIT_POLL_MIN: Duration = Duration::from_millis(10);
+const WAIT_POLL_MAX: Duration = Duration::from_millis(200);
 
 /// At most this many inputs are handled per tick (one store commit).
 const MAX_TICK_INPUTS: usize = 4096;
@@ -603,8 +623,13 @@ impl Loop {
     fn accept(&mut self, msg: Msg, inputs: &mut Vec<Input>) {
         match msg {
             Msg::Created(new, doc) => {
-                self.created.insert(new.run.id, (new, doc));
-                self.claim_now = true;
+                let run_id = new.run.id;
+                // A claim can overtake the message (the run was in the store before it was
+                // sent): a run already held needs no entry, which would otherwise outlive it.
+                if !self.leases.contains_key(&run_id) && !self.orch.owns(run_id) {
+                    self.created.insert(run_id, (new, doc));
+                    self.claim_now = true;
+                }
             }
             Msg::Cancel(run_id) => {
                 if self.orch.owns(run_id) {
@@ -706,6 +731,11 @@ impl Loop {
             }
             for id in gone {
                 self.created.remove(&id);
+                // Callers who waited on the entry learn the run ended (it did, elsewhere or
+                // before this driver saw it created).
+                for w in self.waiters.remove(&id).unwrap_or_default() {
+                    let _ = w.send(true);
+                }
             }
         }
         inputs
