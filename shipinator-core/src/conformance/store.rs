@@ -174,7 +174,9 @@ pub fn new_run(pipeline: PipelineId, git_ref: &str, trigger: Trigger, now: Times
         trigger,
         requested_stages: vec![JobType::Build, JobType::Test],
         requested_by: "conformance".to_owned(),
-        resolved_spec: serde_json::json!({"stages": ["build", "test"], "n": 1}),
+        resolved_spec: std::sync::Arc::new(
+            serde_json::json!({"stages": ["build", "test"], "n": 1}),
+        ),
         retry_of: None,
         version: 0,
         created_at: now,

@@ -676,7 +676,7 @@ fn build_state(
     };
     let run_doc = Arc::new(match &doc {
         Ok(d) => RunDoc {
-            spec: Arc::new(d.spec.clone()),
+            spec: Arc::clone(&d.spec),
             source: d.source.clone(),
             context: d.context.template_context(r.id),
         },

@@ -1612,7 +1612,7 @@ fn a_run_with_an_unreadable_document_fails_instead_of_panicking() {
     let mut sim = sim();
     let id = sim.next_run_id();
     let mut new = new_run(&request(full_spec(), Trigger::Pr, "x"), id, sim.now).unwrap();
-    new.run.resolved_spec = serde_json::json!({"format": 9});
+    new.run.resolved_spec = Arc::new(serde_json::json!({"format": 9}));
     sim.store.create(new);
     sim.load(id);
     sim.settle();
@@ -1628,13 +1628,13 @@ mod driver {
     use std::time::Duration;
 
     use super::{full_spec, request};
+    use crate::domain::RunId;
     use crate::domain::{RunPhase, RunStatus, Status, Trigger};
     use crate::driver::{Driver, DriverConfig, DriverHandle};
     use crate::executor::Executor;
     use crate::memory::{
         InMemoryArtifactStore, InMemoryStore, ManualClock, MockExecutor, MockStep,
     };
-    use crate::domain::RunId;
     use crate::orchestrator::{RunDocument, new_run_with_document};
     use crate::store::{NewRun, RunEventKind, Store};
     use crate::time::Timestamp;
