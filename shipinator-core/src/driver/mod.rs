@@ -993,7 +993,7 @@ impl Loop {
                         let mut tries = 0;
                         let input = loop {
                             tries += 1;
-                            match executor.submit(&spec).await {
+                            match executor.submit_shared(Arc::clone(&spec)).await {
                                 Ok(handle) => {
                                     break Input::ExecutionStarted {
                                         execution_id,

@@ -619,25 +619,28 @@ impl Executor for MockExecutor {
     }
 
     async fn submit(&self, spec: &ExecutionSpec) -> Result<ExecHandle, ExecutorError> {
+        self.submit_shared(Arc::new(spec.clone())).await
+    }
+
+    async fn submit_shared(&self, spec: Arc<ExecutionSpec>) -> Result<ExecHandle, ExecutorError> {
         let now = self.substrate.now();
         let id = spec.execution_id;
         let (handle, finish_now) = {
             let mut st = self.substrate.lock();
             st.submits += 1;
             if let Some(existing) = st.execs.get(&id) {
-                let (handle, same) = (existing.handle.clone(), *existing.spec == *spec);
+                let handle = existing.handle.clone();
                 // A repeated submit of the same spec shares the recorded copy.
-                let copy = if same {
+                let copy = if existing.spec == spec {
                     Arc::clone(&existing.spec)
                 } else {
-                    Arc::new(spec.clone())
+                    spec
                 };
                 st.specs.push(copy);
                 return Ok(handle);
             }
-            let shared = Arc::new(spec.clone());
-            st.specs.push(Arc::clone(&shared));
-            let script = Self::script_for(&st, spec);
+            st.specs.push(Arc::clone(&spec));
+            let script = Self::script_for(&st, &spec);
             let deadline = match &script.outcome {
                 MockOutcome::RejectSubmit { reason } => {
                     return Err(ExecutorError::Rejected {
@@ -670,7 +673,7 @@ impl Executor for MockExecutor {
                 id,
                 MockExec {
                     handle: handle.clone(),
-                    spec: shared,
+                    spec,
                     script,
                     submitted_at: now,
                     phase,

@@ -555,7 +555,7 @@ impl Sim {
                     self.violations.push(format!("commit failed: {e}"));
                 }
             }
-            Command::Submit(spec) => self.submit(*spec),
+            Command::Submit(spec) => self.submit(ExecutionSpec::clone(&spec)),
             Command::Cancel { handle, .. } => {
                 self.cancels.push(handle.clone());
                 if let Some(e) = self.execs.get_mut(&handle.execution_id)
