@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -432,8 +433,9 @@ pub struct PipelineRun {
     pub requested_stages: Vec<JobType>,
     /// Who asked (token name, user, `cli`).
     pub requested_by: String,
-    /// The validated spec this run executes, as JSON (a retry reuses it exactly).
-    pub resolved_spec: serde_json::Value,
+    /// The validated spec this run executes, as JSON (a retry reuses it exactly). Shared:
+    /// cloning a run (every read of the in-memory store does) does not copy the document.
+    pub resolved_spec: Arc<serde_json::Value>,
     /// The run this one retries, if any.
     pub retry_of: Option<RunId>,
     /// Compare-and-set version, incremented by every update.

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_core::Stream;
@@ -274,6 +275,12 @@ pub trait Executor: Send + Sync + fmt::Debug {
 
     /// Starts (or adopts) an execution.
     async fn submit(&self, spec: &ExecutionSpec) -> Result<ExecHandle, ExecutorError>;
+
+    /// [`submit`](Self::submit) with a spec the caller shares (the driver submits this way):
+    /// an executor that keeps the spec overrides it to keep the `Arc` instead of a copy.
+    async fn submit_shared(&self, spec: Arc<ExecutionSpec>) -> Result<ExecHandle, ExecutorError> {
+        self.submit(&spec).await
+    }
 
     /// The current state of an execution.
     async fn status(&self, handle: &ExecHandle) -> Result<ExecutionState, ExecutorError>;

@@ -486,7 +486,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// the document. The default loads the whole run and drops the spec.
     async fn get_run_without_spec(&self, id: RunId) -> Result<PipelineRun, StoreError> {
         let mut run = self.get_run(id).await?;
-        run.resolved_spec = serde_json::Value::Null;
+        run.resolved_spec = std::sync::Arc::new(serde_json::Value::Null);
         Ok(run)
     }
     /// Loads a run with everything that belongs to it.

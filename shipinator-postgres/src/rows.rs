@@ -152,7 +152,7 @@ pub(crate) fn run(row: &PgRow) -> Result<PipelineRun> {
         trigger: enum_col(row, "trigger")?,
         requested_stages,
         requested_by: col(row, "requested_by")?,
-        resolved_spec: col(row, "resolved_spec")?,
+        resolved_spec: std::sync::Arc::new(col(row, "resolved_spec")?),
         retry_of: opt_uuid_col(row, "retry_of")?,
         version: u64_col(row, "version")?,
         created_at: timestamp(row, "created_at")?,

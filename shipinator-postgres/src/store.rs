@@ -1505,7 +1505,7 @@ async fn insert_run(conn: &mut PgConnection, run: &PipelineRun) -> Result<(), St
     .bind(run.trigger.as_str())
     .bind(rows::stages_text(&run.requested_stages))
     .bind(run.requested_by.as_str())
-    .bind(&run.resolved_spec)
+    .bind(&*run.resolved_spec)
     .bind(run.retry_of.map(|r| r.0))
     .bind(i64_of("version", run.version).map_err(from_rows)?)
     .bind(ts(run.created_at))

@@ -138,7 +138,7 @@ pub async fn store_transitions(
             trigger: Trigger::Manual,
             requested_stages: vec![JobType::Build],
             requested_by: "bench".to_owned(),
-            resolved_spec: serde_json::Value::Null,
+            resolved_spec: std::sync::Arc::new(serde_json::Value::Null),
             retry_of: None,
             version: 0,
             created_at: now,

@@ -205,7 +205,7 @@ pub(crate) fn run(row: &SqliteRow) -> Result<PipelineRun, Error> {
         trigger: parse(row, "trigger")?,
         requested_stages: stages(row)?,
         requested_by: get(row, "requested_by")?,
-        resolved_spec: json(row, "resolved_spec")?,
+        resolved_spec: std::sync::Arc::new(json(row, "resolved_spec")?),
         retry_of: parse_opt(row, "retry_of")?,
         version: unsigned(row, "version")?,
         created_at: time(row, "created_at")?,

@@ -458,7 +458,7 @@ async fn insert_artifact(conn: &mut SqliteConnection, a: &Artifact) -> Result<bo
 
 async fn insert_new_run(conn: &mut SqliteConnection, new: &NewRun) -> Result<(), StoreError> {
     let run = &new.run;
-    let spec = serde_json::to_string(&run.resolved_spec)
+    let spec = serde_json::to_string(&*run.resolved_spec)
         .map_err(|e| StoreError::from(Error::encode("resolved spec", e)))?;
     sqlx::query(concat!(
         "INSERT INTO pipeline_runs (",

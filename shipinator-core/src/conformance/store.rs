@@ -175,7 +175,9 @@ pub fn new_run(pipeline: PipelineId, git_ref: &str, trigger: Trigger, now: Times
         trigger,
         requested_stages: vec![JobType::Build, JobType::Test],
         requested_by: "conformance".to_owned(),
-        resolved_spec: serde_json::json!({"stages": ["build", "test"], "n": 1}),
+        resolved_spec: std::sync::Arc::new(
+            serde_json::json!({"stages": ["build", "test"], "n": 1}),
+        ),
         retry_of: None,
         version: 0,
         created_at: now,
@@ -342,7 +344,7 @@ pub async fn create_and_load_every_entity(store: &dyn Store) {
             "get_run_without_spec"
         ),
         PipelineRun {
-            resolved_spec: serde_json::Value::Null,
+            resolved_spec: std::sync::Arc::new(serde_json::Value::Null),
             ..new.run.clone()
         },
         "get_run_without_spec must be get_run with a null resolved_spec"

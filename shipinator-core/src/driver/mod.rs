@@ -240,6 +240,8 @@ impl Driver {
             reload: Vec::new(),
             claim_now: true,
             waiters: HashMap::new(),
+            tick_writes: TickWrites::default(),
+            tick_effects: Vec::new(),
         };
         let reports = state.executor.reports();
         let wakeups = self.wakeups.map(|w| w.0);
@@ -340,11 +342,15 @@ impl DriverHandle {
     }
 
     /// Waits until the run is terminal and returns it, as stored. A run this driver owns wakes
-    /// the waiter when it ends; any other run is checked every poll interval.
+    /// the waiter when it ends; any other run (owned by another driver, or by none yet) is read
+    /// from the store at a short interval: from 10 ms, doubling up to 200 ms (or the poll
+    /// interval, if shorter), so the caller learns of its end within about 200 ms.
     ///
     /// # Errors
     /// Store errors other than `Unavailable` (which is retried); [`DriverError::Stopped`].
     pub async fn wait_for_run(&self, run: RunId) -> Result<PipelineRun, DriverError> {
+        let cap = WAIT_POLL_MAX.min(self.poll_interval);
+        let mut delay = WAIT_POLL_MIN.min(cap);
         loop {
             let (tx, rx) = oneshot::channel();
             self.tx
@@ -363,8 +369,11 @@ impl DriverHandle {
                 // Owned and ended, or not answered yet: look again.
                 Ok(Ok(true)) | Err(_) => {}
                 Ok(Err(_)) => return Err(DriverError::Stopped),
-                // Not owned here: poll.
-                Ok(Ok(false)) => tokio::time::sleep(self.poll_interval).await,
+                // Not owned here: read the store again shortly.
+                Ok(Ok(false)) => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(cap);
+                }
             }
         }
     }
@@ -385,6 +394,14 @@ impl DriverHandle {
             let _ = task.await;
         }
         Ok(())
+    }
+
+    /// Hands the driver a run as [`submit_run`](Self::submit_run) does after creating it,
+    /// without creating it: tests use it to deliver the message late, after a claim
+    /// overtook it.
+    #[cfg(test)]
+    pub(crate) fn send_created(&self, new: NewRun, doc: RunDocument) {
+        let _ = self.tx.send(Msg::Created(Box::new(new), Arc::new(doc)));
     }
 
     /// Stops the driver at once, committing and releasing nothing, as a crash would. Its
@@ -455,6 +472,34 @@ struct Loop {
     claim_now: bool,
     /// Callers of `wait_for_run`, woken when the run ends.
     waiters: HashMap<RunId, Vec<oneshot::Sender<bool>>>,
+    /// Buffers of `tick`, empty between ticks.
+    tick_writes: TickWrites,
+    tick_effects: Vec<Command>,
+}
+
+/// The writes of one tick, in order, and which run each slice of them belongs to.
+#[derive(Default)]
+struct TickWrites {
+    writes: Vec<Write>,
+    /// Consecutive slices of `writes`: (run, length).
+    runs: Vec<(RunId, usize)>,
+}
+
+impl TickWrites {
+    fn push(&mut self, run_id: RunId, mut writes: Vec<Write>) {
+        if writes.is_empty() {
+            return;
+        }
+        match self.runs.last_mut() {
+            Some((r, len)) if *r == run_id => *len += writes.len(),
+            Some(_) | None => self.runs.push((run_id, writes.len())),
+        }
+        if self.writes.is_empty() {
+            self.writes = writes;
+        } else {
+            self.writes.append(&mut writes);
+        }
+    }
 }
 
 /// What a side effect sends back to the loop.
@@ -466,6 +511,11 @@ enum Fx {
     Submitted(ExecutionId, Input),
 }
 
+/// First and longest interval between two store reads of `wait_for_run` for a run this
+/// driver does not own.
+const WAIT_POLL_MIN: Duration = Duration::from_millis(10);
+const WAIT_POLL_MAX: Duration = Duration::from_millis(200);
+
 /// At most this many inputs are handled per tick (one store commit).
 const MAX_TICK_INPUTS: usize = 4096;
 
@@ -474,9 +524,11 @@ impl Loop {
         let mut next_claim = Instant::now();
         let mut next_renew = Instant::now() + self.config.lease_ttl / 3;
         let mut next_poll = Instant::now() + self.config.poll_interval;
+        // Kept (empty) from one iteration to the next, like the tick's buffers.
+        let mut inputs = Vec::new();
+        let mut reported = Vec::new();
         loop {
             let now = Instant::now();
-            let mut inputs = Vec::new();
             if self.claim_now || now >= next_claim {
                 self.claim_now = false;
                 next_claim = now + self.config.claim_interval;
@@ -522,7 +574,7 @@ impl Loop {
                         }
                         Some(Msg::Shutdown(done)) => {
                             self.drain(&mut inputs);
-                            self.tick(inputs).await;
+                            self.tick(&mut inputs).await;
                             self.stop().await;
                             let _ = done.send(());
                             return;
@@ -540,17 +592,16 @@ impl Loop {
                 }
             }
             let stop = self.drain(&mut inputs);
-            let mut reported = Vec::new();
             drain_reports(
                 &mut reports,
                 &mut reported,
                 MAX_TICK_INPUTS.saturating_sub(inputs.len()),
             );
-            for input in reported {
+            for input in reported.drain(..) {
                 self.reported(input, &mut inputs);
             }
             if stop {
-                self.tick(inputs).await;
+                self.tick(&mut inputs).await;
                 self.stop().await;
                 return;
             }
@@ -559,7 +610,7 @@ impl Loop {
             {
                 inputs.push(Input::TimerFired);
             }
-            self.tick(inputs).await;
+            self.tick(&mut inputs).await;
         }
     }
 
@@ -621,8 +672,13 @@ impl Loop {
     fn accept(&mut self, msg: Msg, inputs: &mut Vec<Input>) {
         match msg {
             Msg::Created(new, doc) => {
-                self.created.insert(new.run.id, (new, doc));
-                self.claim_now = true;
+                let run_id = new.run.id;
+                // A claim can overtake the message (the run was in the store before it was
+                // sent): a run already held needs no entry, which would otherwise outlive it.
+                if !self.leases.contains_key(&run_id) && !self.orch.owns(run_id) {
+                    self.created.insert(run_id, (new, doc));
+                    self.claim_now = true;
+                }
             }
             Msg::Cancel(run_id) => {
                 if self.orch.owns(run_id) {
@@ -724,6 +780,11 @@ impl Loop {
             }
             for id in gone {
                 self.created.remove(&id);
+                // Callers who waited on the entry learn the run ended (it did, elsewhere or
+                // before this driver saw it created).
+                for w in self.waiters.remove(&id).unwrap_or_default() {
+                    let _ = w.send(true);
+                }
             }
         }
         inputs
@@ -810,61 +871,93 @@ impl Loop {
         });
     }
 
-    async fn tick(&mut self, inputs: Vec<Input>) {
+    async fn tick(&mut self, inputs: &mut Vec<Input>) {
         if inputs.is_empty() {
             return;
         }
         let now = self.clock.now();
-        let mut persists: Vec<(RunId, Batch)> = Vec::new();
-        let mut effects = Vec::new();
-        for input in inputs {
+        // The tick's buffers are kept from one tick to the next (emptied): a burst of inputs
+        // would otherwise allocate and free large blocks on every tick.
+        let mut tick = std::mem::take(&mut self.tick_writes);
+        let mut effects = std::mem::take(&mut self.tick_effects);
+        for input in inputs.drain(..) {
             for cmd in self.orch.handle(now, input) {
                 match cmd {
-                    Command::Persist { run_id, batch } => match persists.last_mut() {
-                        Some((r, b)) if *r == run_id => b.writes.extend(batch.writes),
-                        Some(_) | None => persists.push((run_id, batch)),
-                    },
+                    Command::Persist { run_id, batch } => tick.push(run_id, batch.writes),
                     other => effects.push(other),
                 }
             }
         }
-        let failed = self.commit(persists).await;
-        for cmd in effects {
+        let failed = self.commit(&mut tick).await;
+        for cmd in effects.drain(..) {
             self.effect(cmd, &failed).await;
         }
+        self.tick_writes = tick;
+        self.tick_effects = effects;
     }
 
-    /// Commits the tick's batches as one, fenced; on a non-transient failure, run by run.
-    /// Returns the runs whose writes were not committed.
-    async fn commit(&mut self, persists: Vec<(RunId, Batch)>) -> HashSet<RunId> {
+    /// Commits the tick's writes as one batch, fenced; on a non-transient failure, run by
+    /// run. Returns the runs whose writes were not committed. The writes are moved, never
+    /// copied; `tick` is left empty.
+    async fn commit(&mut self, tick: &mut TickWrites) -> HashSet<RunId> {
         let mut failed = HashSet::new();
-        if persists.is_empty() {
+        if tick.writes.is_empty() {
+            tick.runs.clear();
             return failed;
         }
-        let mut merged = Batch::default();
-        let mut fenced = HashSet::new();
-        for (run, batch) in &persists {
+        let runs = std::mem::take(&mut tick.runs);
+        let mut merged = Batch {
+            fences: Vec::with_capacity(runs.len()),
+            writes: std::mem::take(&mut tick.writes),
+        };
+        let mut fenced = HashSet::with_capacity(runs.len());
+        for (run, _) in &runs {
             if fenced.insert(*run)
                 && let Some(lease) = self.leases.get(run)
             {
                 merged.fences.push(lease.fence());
             }
-            merged.writes.extend(batch.writes.iter().cloned());
         }
-        match self.commit_retrying(&merged).await {
+        let done = match self.commit_retrying(&merged).await {
             Ok(()) => {
                 self.publish(&merged);
-                return failed;
+                true
             }
-            Err(e) if persists.len() == 1 => {
-                let run = persists[0].0;
+            Err(e) if fenced.len() == 1 => {
+                let run = runs[0].0;
                 self.commit_failed(run, &e);
                 failed.insert(run);
-                return failed;
+                true
             }
-            Err(_) => {}
+            Err(_) => false,
+        };
+        if done {
+            // Keep the buffers for the next tick.
+            merged.writes.clear();
+            tick.writes = merged.writes;
+            let mut runs = runs;
+            runs.clear();
+            tick.runs = runs;
+            return failed;
         }
-        for (run, mut batch) in persists {
+        // Split the merged writes back into one batch per run (a run's writes may come in
+        // several slices, in order).
+        let mut per_run: Vec<(RunId, Batch)> = Vec::new();
+        let mut rest = merged.writes.into_iter();
+        for (run, len) in runs {
+            let slice = rest.by_ref().take(len);
+            match per_run.iter_mut().find(|(r, _)| *r == run) {
+                Some((_, b)) => b.writes.extend(slice),
+                None => per_run.push((
+                    run,
+                    Batch {
+                        fences: Vec::new(),
+                        writes: slice.collect(),
+                    },
+                )),
+            }
+        }
+        for (run, mut batch) in per_run {
             if failed.contains(&run) {
                 continue;
             }
@@ -948,7 +1041,7 @@ impl Loop {
                         let mut tries = 0;
                         let input = loop {
                             tries += 1;
-                            match executor.submit(&spec).await {
+                            match executor.submit_shared(Arc::clone(&spec)).await {
                                 Ok(handle) => {
                                     break Input::ExecutionStarted {
                                         execution_id,

@@ -214,9 +214,11 @@ struct Subscriber {
 struct State {
     execs: HashMap<ExecutionId, MockExec>,
     deadlines: BTreeSet<(Timestamp, ExecutionId)>,
-    specs: Vec<ExecutionSpec>,
+    /// Every spec received, sharing the execution table's copy.
+    specs: Vec<Arc<ExecutionSpec>>,
     by_step: HashMap<String, Arc<MockStep>>,
-    by_attempt: HashMap<(String, u32), Arc<MockStep>>,
+    /// Step name, then attempt.
+    by_attempt: HashMap<String, HashMap<u32, Arc<MockStep>>>,
     default: Arc<MockStep>,
     subscribers: Vec<Subscriber>,
     artifact_store: Option<Arc<dyn ArtifactStore>>,
@@ -536,7 +538,9 @@ impl MockExecutor {
         self.substrate
             .lock()
             .by_attempt
-            .insert((step_name.into(), attempt), Arc::new(step));
+            .entry(step_name.into())
+            .or_default()
+            .insert(attempt, Arc::new(step));
     }
 
     /// Scripts every step that has no script of its own (initially: succeed at once).
@@ -552,7 +556,12 @@ impl MockExecutor {
 
     /// Every spec received by `submit`, in order, including repeated and rejected submits.
     pub fn specs(&self) -> Vec<ExecutionSpec> {
-        self.substrate.lock().specs.clone()
+        self.substrate
+            .lock()
+            .specs
+            .iter()
+            .map(|s| ExecutionSpec::clone(s))
+            .collect()
     }
 
     /// How many times `submit` was called.
@@ -592,8 +601,9 @@ impl MockExecutor {
 
     fn script_for(st: &State, spec: &ExecutionSpec) -> Arc<MockStep> {
         st.by_attempt
-            .get(&(spec.step_name.clone(), spec.attempt))
-            .or_else(|| st.by_step.get(&spec.step_name))
+            .get(spec.step_name.as_str())
+            .and_then(|attempts| attempts.get(&spec.attempt))
+            .or_else(|| st.by_step.get(spec.step_name.as_str()))
             .map_or_else(|| Arc::clone(&st.default), Arc::clone)
     }
 }
@@ -609,16 +619,28 @@ impl Executor for MockExecutor {
     }
 
     async fn submit(&self, spec: &ExecutionSpec) -> Result<ExecHandle, ExecutorError> {
+        self.submit_shared(Arc::new(spec.clone())).await
+    }
+
+    async fn submit_shared(&self, spec: Arc<ExecutionSpec>) -> Result<ExecHandle, ExecutorError> {
         let now = self.substrate.now();
         let id = spec.execution_id;
         let (handle, finish_now) = {
             let mut st = self.substrate.lock();
             st.submits += 1;
-            st.specs.push(spec.clone());
             if let Some(existing) = st.execs.get(&id) {
-                return Ok(existing.handle.clone());
+                let handle = existing.handle.clone();
+                // A repeated submit of the same spec shares the recorded copy.
+                let copy = if existing.spec == spec {
+                    Arc::clone(&existing.spec)
+                } else {
+                    spec
+                };
+                st.specs.push(copy);
+                return Ok(handle);
             }
-            let script = Self::script_for(&st, spec);
+            st.specs.push(Arc::clone(&spec));
+            let script = Self::script_for(&st, &spec);
             let deadline = match &script.outcome {
                 MockOutcome::RejectSubmit { reason } => {
                     return Err(ExecutorError::Rejected {
@@ -651,7 +673,7 @@ impl Executor for MockExecutor {
                 id,
                 MockExec {
                     handle: handle.clone(),
-                    spec: Arc::new(spec.clone()),
+                    spec,
                     script,
                     submitted_at: now,
                     phase,

@@ -33,8 +33,8 @@ use crate::domain::{
 };
 use crate::memory::{Clock, system_clock};
 use crate::store::{
-    ApiToken, Batch, ExecutionClaim, IdempotencyRecord, NewRun, Page, PageRequest, RunFilter,
-    RunLease, RunRecord, Store, StoreError, StoredEvent, Write,
+    ApiToken, Batch, ExecutionClaim, IdempotencyRecord, NewRun, Page, PageRequest, RunEvent,
+    RunFilter, RunLease, RunRecord, Store, StoreError, StoredEvent, Write,
 };
 use crate::time::Timestamp;
 
@@ -74,7 +74,7 @@ struct Inner {
     steps: HashMap<StepId, StepEntry>,
     executions: HashMap<ExecutionId, ExecEntry>,
     artifacts: BTreeMap<ArtifactId, Artifact>,
-    events: Vec<StoredEvent>,
+    events: EventLog,
     /// Pending executions never claimed, per executor type, oldest first.
     queue: HashMap<String, BTreeSet<(Timestamp, ExecutionId)>>,
     claims: HashMap<ExecutionId, ExecutionClaim>,
@@ -82,6 +82,57 @@ struct Inner {
     idempotency: HashMap<(PipelineId, String), IdempotencyRecord>,
     /// Runs someone asked to cancel.
     cancel_requests: HashSet<RunId>,
+    /// The undo log of the batch being committed (empty between commits).
+    undo: Vec<Undo>,
+}
+
+/// The event log: event `seq` (from 1) at index `seq - 1`, in fixed-size chunks, so that
+/// appending never moves what is already stored (a growing `Vec` would copy the whole log
+/// on each doubling and briefly hold it twice).
+#[derive(Default)]
+struct EventLog {
+    chunks: Vec<Vec<RunEvent>>,
+    len: usize,
+}
+
+impl EventLog {
+    const CHUNK: usize = 4096;
+
+    fn push(&mut self, event: RunEvent) {
+        match self.chunks.last_mut() {
+            Some(chunk) if chunk.len() < Self::CHUNK => chunk.push(event),
+            Some(_) | None => {
+                let mut chunk = Vec::with_capacity(Self::CHUNK);
+                chunk.push(event);
+                self.chunks.push(chunk);
+            }
+        }
+        self.len += 1;
+    }
+
+    fn pop(&mut self) {
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.pop();
+            self.len -= 1;
+            if chunk.is_empty() {
+                self.chunks.pop();
+            }
+        }
+    }
+
+    /// Up to `limit` events after `after_seq`, with their positions.
+    fn list(&self, after_seq: u64, limit: u32) -> Vec<StoredEvent> {
+        let start = usize::try_from(after_seq)
+            .unwrap_or(usize::MAX)
+            .min(self.len);
+        let end = start.saturating_add(limit as usize).min(self.len);
+        (start..end)
+            .map(|i| StoredEvent {
+                seq: i as u64 + 1,
+                event: self.chunks[i / Self::CHUNK][i % Self::CHUNK].clone(),
+            })
+            .collect()
+    }
 }
 
 struct RunEntry {
@@ -468,19 +519,15 @@ impl Inner {
                         event.run_id
                     )));
                 }
-                let seq = self.events.len() as u64 + 1;
-                self.events.push(StoredEvent {
-                    seq,
-                    event: event.clone(),
-                });
+                self.events.push(event.clone());
                 undo.push(Undo::EventAppended);
                 Ok(())
             }
         }
     }
 
-    fn rollback(&mut self, undo: Vec<Undo>) {
-        for u in undo.into_iter().rev() {
+    fn rollback(&mut self, undo: &mut Vec<Undo>) {
+        for u in undo.drain(..).rev() {
             match u {
                 Undo::Run { id, fields } => {
                     if let Some(e) = self.runs.get_mut(&id) {
@@ -934,14 +981,21 @@ impl Store for InMemoryStore {
                 });
             }
         }
-        let mut undo = Vec::with_capacity(batch.writes.len());
+        // The undo log's buffer is kept from one commit to the next: a large batch would
+        // otherwise allocate and free a large block every time.
+        let mut undo = std::mem::take(&mut inner.undo);
+        undo.clear();
+        let mut result = Ok(());
         for write in &batch.writes {
             if let Err(e) = inner.apply(write, &mut undo) {
-                inner.rollback(undo);
-                return Err(e);
+                inner.rollback(&mut undo);
+                result = Err(e);
+                break;
             }
         }
-        Ok(())
+        undo.clear();
+        inner.undo = undo;
+        result
     }
 
     async fn list_events(
@@ -949,12 +1003,7 @@ impl Store for InMemoryStore {
         after_seq: u64,
         limit: u32,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let inner = self.lock();
-        let start = usize::try_from(after_seq)
-            .unwrap_or(usize::MAX)
-            .min(inner.events.len());
-        let end = start.saturating_add(limit as usize).min(inner.events.len());
-        Ok(inner.events[start..end].to_vec())
+        Ok(self.lock().events.list(after_seq, limit))
     }
 
     async fn claim_runs(

@@ -149,8 +149,11 @@ pub enum Command {
         /// The writes; `fences` is left empty for the driver to fill.
         batch: Batch,
     },
-    /// Submit an execution (idempotent: its id is derived from step and attempt).
-    Submit(Box<ExecutionSpec>),
+    /// Submit an execution (idempotent: its id is derived from step and attempt). Shared, so
+    /// that an executor can keep it without a copy ([`Executor::submit_shared`]).
+    ///
+    /// [`Executor::submit_shared`]: crate::executor::Executor::submit_shared
+    Submit(Arc<ExecutionSpec>),
     /// Cancel an execution (the external id may be empty when it is not known yet).
     Cancel {
         /// The run the execution belongs to.
@@ -625,7 +628,7 @@ impl Orchestrator {
                         e.attempt,
                         &inputs,
                     ) {
-                        tx.effects.push(Command::Submit(Box::new(spec)));
+                        tx.effects.push(Command::Submit(Arc::new(spec)));
                     }
                 } else {
                     tx.effects.push(Command::Check {
@@ -676,7 +679,7 @@ fn build_state(
     };
     let run_doc = Arc::new(match &doc {
         Ok(d) => RunDoc {
-            spec: Arc::new(d.spec.clone()),
+            spec: Arc::clone(&d.spec),
             source: d.source.clone(),
             context: d.context.template_context(r.id),
         },
@@ -1286,7 +1289,7 @@ fn start_attempt(
             if let Some(d) = deadline {
                 idx.deadlines.insert((d, id));
             }
-            tx.effects.push(Command::Submit(Box::new(spec)));
+            tx.effects.push(Command::Submit(Arc::new(spec)));
         }
         Err(_) => {
             step_event(step, WorkEvent::Fail, tx);

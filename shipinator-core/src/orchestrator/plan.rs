@@ -91,8 +91,9 @@ pub struct InheritedArtifact {
 pub struct RunDocument {
     /// Format version, currently 1.
     pub format: u32,
-    /// The validated spec.
-    pub spec: PipelineSpec,
+    /// The validated spec, shared with the request and the orchestrator (runs of one
+    /// pipeline version hold one copy).
+    pub spec: Arc<PipelineSpec>,
     /// Where the source comes from.
     pub source: SourceSpec,
     /// Template variables.
@@ -111,7 +112,7 @@ impl RunDocument {
     /// # Errors
     /// [`PlanError::InvalidDocument`] when the JSON is not a run document of a known format.
     pub fn from_run(run: &PipelineRun) -> Result<Self, PlanError> {
-        let doc: RunDocument = serde_json::from_value(run.resolved_spec.clone())
+        let doc = RunDocument::deserialize(&*run.resolved_spec)
             .map_err(|source| PlanError::InvalidDocument { source })?;
         if doc.format != Self::FORMAT {
             return Err(PlanError::UnknownFormat { format: doc.format });
@@ -351,7 +352,7 @@ pub fn new_run_with_document(
     )?;
     let doc = RunDocument {
         format: RunDocument::FORMAT,
-        spec: (*request.spec).clone(),
+        spec: Arc::clone(&request.spec),
         source: request.source.clone(),
         context: RunContext {
             commit: request.source.commit.clone(),
@@ -367,7 +368,7 @@ pub fn new_run_with_document(
         .iter()
         .flat_map(|j| new_steps(&request.spec, j, now))
         .collect();
-    let resolved_spec = doc.to_json()?;
+    let resolved_spec = Arc::new(doc.to_json()?);
     let new = NewRun {
         run: PipelineRun {
             id,
@@ -498,7 +499,7 @@ pub fn retry_run(
             trigger: original.run.trigger,
             requested_stages: original.run.requested_stages.clone(),
             requested_by: requested_by.to_owned(),
-            resolved_spec: doc.to_json()?,
+            resolved_spec: Arc::new(doc.to_json()?),
             retry_of: Some(original.run.id),
             version: 0,
             created_at: now,

@@ -555,7 +555,7 @@ impl Sim {
                     self.violations.push(format!("commit failed: {e}"));
                 }
             }
-            Command::Submit(spec) => self.submit(*spec),
+            Command::Submit(spec) => self.submit(ExecutionSpec::clone(&spec)),
             Command::Cancel { handle, .. } => {
                 self.cancels.push(handle.clone());
                 if let Some(e) = self.execs.get_mut(&handle.execution_id)
@@ -1612,7 +1612,7 @@ fn a_run_with_an_unreadable_document_fails_instead_of_panicking() {
     let mut sim = sim();
     let id = sim.next_run_id();
     let mut new = new_run(&request(full_spec(), Trigger::Pr, "x"), id, sim.now).unwrap();
-    new.run.resolved_spec = serde_json::json!({"format": 9});
+    new.run.resolved_spec = Arc::new(serde_json::json!({"format": 9}));
     sim.store.create(new);
     sim.load(id);
     sim.settle();
@@ -1634,7 +1634,8 @@ mod driver {
     use crate::memory::{
         InMemoryArtifactStore, InMemoryStore, ManualClock, MockExecutor, MockStep,
     };
-    use crate::store::{RunEventKind, Store, StoreError};
+    use crate::orchestrator::{RunDocument, new_run_with_document};
+    use crate::store::{NewRun, RunEventKind, Store, StoreError};
     use crate::time::Timestamp;
 
     fn config(owner: &str) -> DriverConfig {
@@ -1797,6 +1798,140 @@ mod driver {
         }
         assert!(executor.running().is_empty(), "cancel reached the executor");
         driver.shutdown().await.unwrap();
+    }
+
+    /// A run put in the store directly, as if `submit_run` had created it and the driver's
+    /// claim had overtaken its creation message.
+    async fn created_in_store(store: &Arc<dyn Store>) -> (NewRun, RunDocument) {
+        let (new, doc) = new_run_with_document(
+            &request(full_spec(), Trigger::Push, "main"),
+            RunId::new_v7(),
+            Timestamp::now(),
+        )
+        .unwrap();
+        store.create_run(&new).await.unwrap();
+        (new, doc)
+    }
+
+    /// Polls (in paused time) until the stored run is terminal.
+    async fn until_terminal(store: &Arc<dyn Store>, run: RunId) {
+        for _ in 0..1000 {
+            if store.get_run(run).await.unwrap().status.is_terminal() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("run {run} did not end");
+    }
+
+    /// Neither claims nor status polls come within the test's time bound: only a prompt
+    /// wake-up ends `wait_for_run` in time.
+    fn slow_config(owner: &str) -> DriverConfig {
+        DriverConfig {
+            claim_interval: Duration::from_secs(3600),
+            poll_interval: Duration::from_secs(3600),
+            ..config(owner)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_creation_message_overtaken_by_the_claim_leaves_no_stale_entry() {
+        let store = seeded(InMemoryStore::new()).await;
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        executor.script("go-build", MockStep::hang());
+        let (new, doc) = created_in_store(&store).await;
+        let run = new.run.id;
+        // The driver claims the run at start, from the store.
+        let driver = Driver::new(
+            Arc::clone(&store),
+            Arc::new(executor.clone()),
+            slow_config("a"),
+        )
+        .spawn();
+        for _ in 0..1000 {
+            if executor.specs().iter().any(|s| s.step_name == "go-build") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        // The creation message arrives while the driver owns the run.
+        driver.send_created(new, doc);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        driver.cancel_run(run).unwrap();
+        until_terminal(&store, run).await;
+        // A waiter arriving after the run ended must not be parked on a stale entry.
+        let done = tokio::time::timeout(Duration::from_secs(60), driver.wait_for_run(run))
+            .await
+            .expect("the waiter is answered at once, not after a poll interval")
+            .unwrap();
+        assert_eq!(done.status, RunStatus::Canceled);
+        driver.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_creation_message_arriving_after_the_run_ended_wakes_its_waiters() {
+        let store = seeded(InMemoryStore::new()).await;
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        let (new, doc) = created_in_store(&store).await;
+        let run = new.run.id;
+        let driver = Driver::new(
+            Arc::clone(&store),
+            Arc::new(executor.clone()),
+            slow_config("a"),
+        )
+        .spawn();
+        until_terminal(&store, run).await;
+        // The creation message and a waiter arrive together, after the run ended: the waiter
+        // is parked on the entry, which the next claim drops.
+        driver.send_created(new, doc);
+        let done = tokio::time::timeout(Duration::from_secs(60), driver.wait_for_run(run))
+            .await
+            .expect("dropping the entry wakes its waiters")
+            .unwrap();
+        assert_eq!(done.status, RunStatus::Success);
+        driver.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_for_a_run_another_driver_owns_ends_soon_after_it_ends() {
+        let store = seeded(InMemoryStore::new()).await;
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        executor.set_default(MockStep::succeed().with_duration(Duration::from_secs(5)));
+        let (new, _) = created_in_store(&store).await;
+        let run = new.run.id;
+        // `b` never claims anything: every run is someone else's.
+        let b = Driver::new(
+            Arc::clone(&store),
+            Arc::new(MockExecutor::new()),
+            DriverConfig {
+                max_runs: 0,
+                ..slow_config("b")
+            },
+        )
+        .spawn();
+        let waiter = {
+            let b = b.clone();
+            tokio::spawn(async move { b.wait_for_run(run).await })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let a = Driver::new(
+            Arc::clone(&store),
+            Arc::new(executor.clone()),
+            slow_config("a"),
+        )
+        .spawn();
+        // Five steps of 5 s each: the run ends about 25 s from now.
+        let done = tokio::time::timeout(Duration::from_secs(60), waiter)
+            .await
+            .expect("the waiter reads the store often, not once per poll interval")
+            .unwrap()
+            .unwrap();
+        assert_eq!(done.status, RunStatus::Success);
+        a.shutdown().await.unwrap();
+        b.shutdown().await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -1,6 +1,7 @@
-//! `shipinator bench engine`: runs of build (2 steps) → test (2 steps) → deploy (1 step, the
-//! Deployinator's single `helm upgrade` step) on the mock executor, whose steps finish at once,
-//! against the chosen store. Prints one JSON line.
+//! `shipinator bench engine`: runs of 6 steps in 3 stages, build (2 steps) → test (3 steps: 2
+//! in a parallel group, then 1) → deploy (1 step, the Deployinator's single `helm upgrade`
+//! step; a deploy stage always has exactly one), on the mock executor, whose steps finish at
+//! once, against the chosen store. Prints one JSON line.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -43,6 +44,8 @@ test:
     - name: lint
       run: make lint
       parallel: true
+    - name: e2e
+      run: make e2e
 deploy:
   artifact: helm_chart
   target: local
@@ -155,7 +158,7 @@ pub(crate) async fn run(args: &EngineArgs) -> anyhow::Result<serde_json::Value> 
     let commits = store.commits.load(Ordering::Relaxed) - commits_before;
     let transitions = store.transitions.load(Ordering::Relaxed) - transitions_before;
     handle.shutdown().await?;
-    let steps_per_run = 5;
+    let steps_per_run = steps_per_run(&spec);
     Ok(serde_json::json!({
         "bench": "engine",
         "store": store.backend(),
@@ -216,6 +219,17 @@ async fn seed(store: &dyn Store) -> anyhow::Result<PipelineId> {
         .await
         .context("creating the benchmark pipeline")?;
     Ok(pipeline.id)
+}
+
+/// Steps in one run of `spec`: its build and test steps, and the deploy stage's one step.
+fn steps_per_run(spec: &PipelineSpec) -> u64 {
+    let steps = [JobType::Build, JobType::Test]
+        .into_iter()
+        .filter_map(|stage| spec.stage(stage))
+        .map(|stage| stage.steps.len())
+        .sum::<usize>()
+        + usize::from(spec.deploy.is_some());
+    steps as u64
 }
 
 fn check(done: Result<anyhow::Result<RunStatus>, tokio::task::JoinError>) -> anyhow::Result<()> {
