@@ -298,8 +298,8 @@ impl AppState {
     }
 
     /// Checks an execution token against execution `id`, which must exist; it may have
-    /// ended (the status endpoint answers a repeated final report of an ended execution).
-    pub(crate) async fn execution_of_token(
+    /// ended ([`authorize_execution`](Self::authorize_execution) refuses that).
+    async fn execution_of_token(
         &self,
         caller: &Caller,
         id: ExecutionId,

@@ -1264,13 +1264,13 @@ async fn worker_endpoints_take_only_a_live_executions_own_token() {
             Some(json!({"status": "running"})),
         )
         .await;
-    assert_eq!(r.status, StatusCode::CONFLICT, "{:?}", r.body);
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
     let r = h.call(Method::POST, &logs, tok, Some(batch)).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_status_report_is_acknowledged_once_committed_and_again_when_repeated() {
+async fn a_status_report_is_acknowledged_once_committed_and_refused_once_ended() {
     use shipinator_core::domain::Status;
     let h = harness(small_limits()).await;
     let (_, pipeline, _repo, commit) = h.pipeline("report", SLOW).await;
@@ -1293,20 +1293,14 @@ async fn a_status_report_is_acknowledged_once_committed_and_again_when_repeated(
         "acknowledged before it was committed"
     );
 
-    // A worker that did not hear the answer sends the same report again: acknowledged again.
-    let again = h.call(Method::POST, &status, tok, Some(report)).await;
-    assert_eq!(again.status, StatusCode::NO_CONTENT, "{:?}", again.body);
-    // Another result for an execution that ended is stale.
-    let other = h
-        .call(
-            Method::POST,
-            &status,
-            tok,
-            Some(json!({"status": "success"})),
-        )
-        .await;
-    assert_eq!(other.status, StatusCode::CONFLICT, "{:?}", other.body);
-    assert_eq!(other.error_code(), "conflict");
+    // The execution has ended, and its token with it: the same report again, or another
+    // result, is refused and changes nothing.
+    for body in [report, json!({"status": "success"})] {
+        let r = h.call(Method::POST, &status, tok, Some(body)).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{:?}", r.body);
+    }
+    let stored = h.state.store.get_execution(execution).await.unwrap();
+    assert_eq!((stored.status, stored.exit_code), (Status::Failed, Some(3)));
     let done = h.finish(run).await;
     assert_eq!(done["status"], "failed", "{done}");
 }

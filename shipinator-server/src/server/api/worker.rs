@@ -15,7 +15,7 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
 use futures_util::StreamExt;
 use shipinator_core::artifact::{ArtifactError, ArtifactMeta};
-use shipinator_core::domain::{ArtifactId, Execution, ExecutionId, ExecutionStatus};
+use shipinator_core::domain::{ArtifactId, ExecutionId, ExecutionStatus};
 use shipinator_core::executor::{
     ExecutionReport, ExecutionResult, ExecutionState, ProducedArtifact,
 };
@@ -44,17 +44,16 @@ const COMMIT_RECHECK: Duration = Duration::from_millis(250);
 ///
 /// A 204 means the report is durably recorded: the driver has committed it (the execution is
 /// `running` or has ended in the store). When that does not happen within a bound, the answer
-/// is 503 with `Retry-After` and the worker sends the report again. A final report repeated
-/// after its execution ended is answered 204 again when the stored result is the reported one,
-/// and 409 when the execution ended otherwise (it was cancelled, or the report is stale).
+/// is 503 with `Retry-After` and the worker sends the report again. Once the execution has
+/// ended its token is no longer valid: a report repeated after that is a 403 and changes
+/// nothing.
 #[utoipa::path(post, path = "/v1/executions/{id}/status", tag = "workers",
     params(("id" = String, Path, format = Uuid, description = "Execution id")),
     request_body = ExecutionStatusBody,
     responses(
         (status = 204, description = "Recorded"),
         (status = 400, description = "Invalid field", body = ErrorBody),
-        (status = 403, description = "Not this execution's token", body = ErrorBody),
-        (status = 409, description = "The execution has ended otherwise than this report says", body = ErrorBody),
+        (status = 403, description = "Not this execution's token, or the execution has ended", body = ErrorBody),
         (status = 503, description = "Not recorded yet: send the report again after Retry-After", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -64,7 +63,10 @@ pub(crate) async fn report_status(
     ApiPath(id): ApiPath<ExecutionId>,
     ApiJson(body): ApiJson<ExecutionStatusBody>,
 ) -> ApiResult<StatusCode> {
-    let execution = state.execution_of_token(&caller, id).await?;
+    // An execution's token is valid until the execution ends, for reports too: a worker that
+    // reports again after its result was recorded (it did not hear the answer) is refused,
+    // which changes nothing, and a replayed worker of an ended execution is refused.
+    let execution = state.authorize_execution(&caller, id).await?;
     let reported = match body.status {
         ReportedStatus::Running => ExecutionState::Running,
         ReportedStatus::Success | ReportedStatus::Failed => {
@@ -87,9 +89,6 @@ pub(crate) async fn report_status(
                 // Failed before or without a command exit code.
                 (None, false) => -1,
             };
-            if execution.status.is_terminal() {
-                return already_ended(&execution, Some((success, exit_code)));
-            }
             ExecutionState::Finished(ExecutionResult {
                 exit_code,
                 logs_uri: body.logs_uri,
@@ -101,9 +100,6 @@ pub(crate) async fn report_status(
             reason: body.failure.unwrap_or_else(|| "lost".to_owned()),
         },
     };
-    if execution.status.is_terminal() {
-        return already_ended(&execution, None);
-    }
     tracing::info!(
         execution_id = %id,
         step_id = %execution.job_step_id,
@@ -166,26 +162,6 @@ fn recorded(status: ExecutionStatus, ends: bool) -> bool {
     } else {
         status != ExecutionStatus::Pending
     }
-}
-
-/// The answer to a report about an execution that has already ended: a repeated final
-/// report (`Some((success, exit_code))`) whose result is the stored one is acknowledged again;
-/// anything else is stale.
-fn already_ended(execution: &Execution, result: Option<(bool, i32)>) -> ApiResult<StatusCode> {
-    let same = match result {
-        Some((true, _)) => execution.status == ExecutionStatus::Succeeded,
-        Some((false, code)) => {
-            execution.status == ExecutionStatus::Failed && execution.exit_code == Some(code)
-        }
-        None => false,
-    };
-    if same {
-        return Ok(StatusCode::NO_CONTENT);
-    }
-    Err(ApiError::conflict(format!(
-        "execution {} has already ended ({}); this report is stale",
-        execution.id, execution.status
-    )))
 }
 
 /// The reported artifacts as the server records them: where the bytes are, their size and
