@@ -574,4 +574,13 @@ pub trait Store: Send + Sync + fmt::Debug {
         pipeline: PipelineId,
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Records that `by` asked at `at` to cancel `run`, for whichever driver owns the run: the
+    /// request outlives the process that took it, and a driver on another replica acts on it
+    /// (see [`cancel_requests`](Store::cancel_requests)). Stores that announce new work wake
+    /// their drivers. Idempotent: the first request of a run is kept. `NotFound` for an
+    /// unknown run; a request on an ended run is recorded and changes nothing.
+    async fn request_cancel(&self, run: RunId, by: &str, at: Timestamp) -> Result<(), StoreError>;
+    /// Which of `runs` have a cancel request, in no particular order.
+    async fn cancel_requests(&self, runs: &[RunId]) -> Result<Vec<RunId>, StoreError>;
 }

@@ -46,6 +46,7 @@ use shipinator_core::store::StoreError;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 mod access;
+mod cancel;
 mod rows;
 mod store;
 mod wakeups;

@@ -1462,6 +1462,14 @@ impl Store for PgStore {
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         self.get_idempotency_record_impl(pipeline, key).await
     }
+
+    async fn request_cancel(&self, run: RunId, by: &str, at: Timestamp) -> Result<(), StoreError> {
+        self.request_cancel_impl(run, by, at).await
+    }
+
+    async fn cancel_requests(&self, runs: &[RunId]) -> Result<Vec<RunId>, StoreError> {
+        self.cancel_requests_impl(runs).await
+    }
 }
 
 async fn insert_run(conn: &mut PgConnection, run: &PipelineRun) -> Result<(), StoreError> {

@@ -37,6 +37,7 @@
 
 mod access;
 pub mod bench;
+mod cancel;
 mod error;
 mod rows;
 mod store;

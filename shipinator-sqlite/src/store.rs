@@ -1199,4 +1199,12 @@ impl Store for SqliteStore {
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         self.get_idempotency_record_impl(pipeline, key).await
     }
+
+    async fn request_cancel(&self, run: RunId, by: &str, at: Timestamp) -> Result<(), StoreError> {
+        self.request_cancel_impl(run, by, at).await
+    }
+
+    async fn cancel_requests(&self, runs: &[RunId]) -> Result<Vec<RunId>, StoreError> {
+        self.cancel_requests_impl(runs).await
+    }
 }

@@ -72,6 +72,7 @@ pub async fn all(store: &dyn Store, caps: &StoreCaps) {
     events_are_ordered(store).await;
     api_tokens_are_found_by_hash_and_revoked(store).await;
     idempotency_records_keep_the_first(store).await;
+    cancel_requests_are_recorded_once(store).await;
     if caps.leases {
         lease_claims_are_exclusive(store).await;
         lease_expires_and_run_is_rescued(store, caps).await;
@@ -1977,4 +1978,52 @@ pub async fn idempotency_records_keep_the_first(store: &dyn Store) {
         other => panic!("a record of a missing run must be refused, got {other:?}"),
     }
     cancel_runs(store, &[first.run.id, second.run.id, third.run.id]).await;
+}
+
+/// A cancel request is kept for whichever driver owns the run: `cancel_requests` reports it
+/// among the runs asked about, a repeated request changes nothing, an unknown run is
+/// `NotFound`.
+pub async fn cancel_requests_are_recorded_once(store: &dyn Store) {
+    let f = fixture(store).await;
+    let asked = new_run(f.pipeline.id, "main", Trigger::Manual, f.now);
+    let quiet = new_run(f.pipeline.id, "main", Trigger::Manual, f.now);
+    for new in [&asked, &quiet] {
+        create_run(store, new).await;
+    }
+    let both = [asked.run.id, quiet.run.id];
+    assert_eq!(
+        ok(store.cancel_requests(&both).await, "cancel_requests"),
+        Vec::<RunId>::new(),
+        "no run has a cancel request yet"
+    );
+    for by in ["alice", "bob"] {
+        ok(
+            store.request_cancel(asked.run.id, by, f.now).await,
+            "request_cancel",
+        );
+    }
+    assert_eq!(
+        ok(store.cancel_requests(&both).await, "cancel_requests"),
+        vec![asked.run.id],
+        "the requested run, once, and only it"
+    );
+    assert_eq!(
+        ok(
+            store.cancel_requests(&[]).await,
+            "cancel_requests of no runs"
+        ),
+        Vec::<RunId>::new(),
+    );
+    assert_eq!(
+        ok(
+            store.cancel_requests(&[RunId::new_v7()]).await,
+            "cancel_requests of an unknown run"
+        ),
+        Vec::<RunId>::new(),
+    );
+    match store.request_cancel(RunId::new_v7(), "alice", f.now).await {
+        Err(StoreError::NotFound { .. }) => {}
+        other => panic!("a cancel request for a missing run must be NotFound, got {other:?}"),
+    }
+    cancel_runs(store, &both).await;
 }

@@ -234,6 +234,7 @@ impl Driver {
             leases: HashMap::new(),
             created: HashMap::new(),
             pending_cancels: HashSet::new(),
+            store_cancels: HashSet::new(),
             submitting: HashSet::new(),
             held: HashMap::new(),
             reload: Vec::new(),
@@ -295,7 +296,21 @@ impl DriverHandle {
         Ok(id)
     }
 
+    /// Asks to cancel a run on behalf of `by`, wherever it is driven: the request is recorded
+    /// in the store, where the driver that owns the run (this one, or another sharing the
+    /// store) finds it within a claim interval, or at once when the store wakes its drivers.
+    /// This driver acts on it immediately if it owns the run.
+    ///
+    /// # Errors
+    /// Store errors (`NotFound` for an unknown run); [`DriverError::Stopped`].
+    pub async fn request_cancel(&self, run: RunId, by: &str) -> Result<(), DriverError> {
+        self.store.request_cancel(run, by, self.clock.now()).await?;
+        self.cancel_run(run)
+    }
+
     /// Asks to cancel a run. A run this driver does not own yet is cancelled when it claims it.
+    /// Nothing is recorded: a run another driver owns is not cancelled; use
+    /// [`request_cancel`](Self::request_cancel) for that.
     ///
     /// # Errors
     /// [`DriverError::Stopped`].
@@ -433,6 +448,8 @@ struct Loop {
     created: HashMap<RunId, (Box<NewRun>, Arc<RunDocument>)>,
     /// Cancels asked for runs not owned (yet).
     pending_cancels: HashSet<RunId>,
+    /// Owned runs whose cancel request, read from the store, was already handed over.
+    store_cancels: HashSet<RunId>,
     /// Runs to load again from the store (their rows changed under us).
     reload: Vec<RunId>,
     claim_now: bool,
@@ -463,6 +480,7 @@ impl Loop {
             if self.claim_now || now >= next_claim {
                 self.claim_now = false;
                 next_claim = now + self.config.claim_interval;
+                inputs.extend(self.requested_cancels().await);
                 inputs.extend(self.claim().await);
             }
             if now >= next_renew {
@@ -709,6 +727,36 @@ impl Loop {
             }
         }
         inputs
+    }
+
+    /// Cancel requests recorded in the store (by another process, or another replica) for
+    /// runs this driver has loaded; each is handed to the orchestrator once.
+    async fn requested_cancels(&mut self) -> Vec<Input> {
+        let leases = &self.leases;
+        self.store_cancels.retain(|r| leases.contains_key(r));
+        let asked: Vec<RunId> = self
+            .leases
+            .keys()
+            .filter(|r| self.orch.owns(**r) && !self.store_cancels.contains(*r))
+            .copied()
+            .collect();
+        if asked.is_empty() {
+            return Vec::new();
+        }
+        match self.store.cancel_requests(&asked).await {
+            Ok(found) => found
+                .into_iter()
+                .filter(|r| self.store_cancels.insert(*r))
+                .map(|run_id| {
+                    tracing::info!(run_id = %run_id, "cancel requested through the store");
+                    Input::CancelRequested { run_id }
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "cannot read cancel requests");
+                Vec::new()
+            }
+        }
     }
 
     async fn renew(&mut self) -> Vec<Input> {

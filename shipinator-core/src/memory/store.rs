@@ -80,6 +80,8 @@ struct Inner {
     claims: HashMap<ExecutionId, ExecutionClaim>,
     tokens: BTreeMap<ApiTokenId, ApiToken>,
     idempotency: HashMap<(PipelineId, String), IdempotencyRecord>,
+    /// Runs someone asked to cancel.
+    cancel_requests: HashSet<RunId>,
 }
 
 struct RunEntry {
@@ -1230,5 +1232,28 @@ impl Store for InMemoryStore {
             .idempotency
             .get(&(pipeline, key.to_owned()))
             .cloned())
+    }
+
+    async fn request_cancel(
+        &self,
+        run: RunId,
+        _by: &str,
+        _at: Timestamp,
+    ) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        if !inner.runs.contains_key(&run) {
+            return Err(StoreError::not_found("run", run));
+        }
+        inner.cancel_requests.insert(run);
+        Ok(())
+    }
+
+    async fn cancel_requests(&self, runs: &[RunId]) -> Result<Vec<RunId>, StoreError> {
+        let inner = self.lock();
+        Ok(runs
+            .iter()
+            .filter(|r| inner.cancel_requests.contains(r))
+            .copied()
+            .collect())
     }
 }

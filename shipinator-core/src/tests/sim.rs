@@ -1628,13 +1628,13 @@ mod driver {
     use std::time::Duration;
 
     use super::{full_spec, request};
-    use crate::domain::{RunPhase, RunStatus, Status, Trigger};
-    use crate::driver::{Driver, DriverConfig, DriverHandle};
+    use crate::domain::{RunId, RunPhase, RunStatus, Status, Trigger};
+    use crate::driver::{Driver, DriverConfig, DriverError, DriverHandle};
     use crate::executor::Executor;
     use crate::memory::{
         InMemoryArtifactStore, InMemoryStore, ManualClock, MockExecutor, MockStep,
     };
-    use crate::store::{RunEventKind, Store};
+    use crate::store::{RunEventKind, Store, StoreError};
     use crate::time::Timestamp;
 
     fn config(owner: &str) -> DriverConfig {
@@ -1845,5 +1845,48 @@ mod driver {
                 .all(|e| e.status == Status::Succeeded)
         );
         second.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_cancel_requested_through_another_driver_reaches_the_owner() {
+        let store = seeded(InMemoryStore::new()).await;
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        executor.script("go-build", MockStep::hang());
+        let owner = spawn(&store, Arc::new(executor.clone()), "a");
+        let run = owner
+            .submit_run(request(full_spec(), Trigger::Push, "main"))
+            .await
+            .unwrap();
+        for _ in 0..1000 {
+            if !executor.running().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!executor.running().is_empty(), "go-build runs");
+        // A second driver (another replica) that claims nothing is asked to cancel.
+        let other = Driver::new(
+            Arc::clone(&store),
+            Arc::new(MockExecutor::new()),
+            DriverConfig {
+                max_runs: 0,
+                ..config("b")
+            },
+        )
+        .spawn();
+        other.request_cancel(run, "alice").await.unwrap();
+        let done = tokio::time::timeout(Duration::from_secs(600), owner.wait_for_run(run))
+            .await
+            .expect("the owning driver cancels the run")
+            .unwrap();
+        assert_eq!(done.status, RunStatus::Canceled);
+        assert!(executor.running().is_empty(), "cancel reached the executor");
+        assert!(matches!(
+            other.request_cancel(RunId::new_v7(), "alice").await,
+            Err(DriverError::Store(StoreError::NotFound { .. }))
+        ));
+        other.shutdown().await.unwrap();
+        owner.shutdown().await.unwrap();
     }
 }

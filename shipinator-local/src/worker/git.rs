@@ -39,6 +39,17 @@ impl Git {
 
     /// Runs `git <args>` in `cwd`; its standard output on success.
     pub(crate) async fn run(&self, cwd: Option<&Path>, args: &[&OsStr]) -> Result<String, Error> {
+        let out = self.run_bytes(cwd, args).await?;
+        Ok(String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+    }
+
+    /// Runs `git <args>` in `cwd`; its standard output, as bytes, on success.
+    pub(crate) async fn run_bytes(
+        &self,
+        cwd: Option<&Path>,
+        args: &[&OsStr],
+    ) -> Result<Vec<u8>, Error> {
         let mut cmd = tokio::process::Command::new("git");
         cmd.args(args)
             .env_clear()
@@ -58,7 +69,7 @@ impl Git {
             .await
             .map_err(|e| Error::io(format!("running `git {printable}` (is git installed?)"), e))?;
         if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            Ok(out.stdout)
         } else {
             let stderr = String::from_utf8_lossy(&out.stderr);
             let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
@@ -112,6 +123,36 @@ pub(crate) fn checked_commit(commit: &str) -> Result<&str, Error> {
             reason: format!("'{commit}' is not a commit id (expected a hexadecimal sha)"),
         })
     }
+}
+
+/// Checks that `reference` can only be read as a ref name or an object name: what
+/// `git check-ref-format` accepts for a branch or tag (one level or more), or a hexadecimal sha.
+pub(crate) fn checked_ref(reference: &str) -> Result<&str, Error> {
+    let bad = |why: &str| Error::Spec {
+        reason: format!("'{reference}' is not a usable branch, tag or commit name: {why}"),
+    };
+    if reference.is_empty() || reference.len() > 255 {
+        return Err(bad("it must have 1 to 255 characters"));
+    }
+    if reference.starts_with('-') || reference.starts_with('/') || reference.ends_with('/') {
+        return Err(bad("it must not start with '-' or '/', or end with '/'"));
+    }
+    if reference.contains("..") || reference.contains("@{") || reference.contains("//") {
+        return Err(bad("it must not contain '..', '@{' or '//'"));
+    }
+    if reference.ends_with(".lock") || reference.ends_with('.') || reference == "@" {
+        return Err(bad("it must not end with '.lock' or '.', or be '@'"));
+    }
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '/' | '.' | '_' | '-' | '+');
+    if !reference.chars().all(allowed) {
+        return Err(bad(
+            "only letters, digits and '/', '.', '_', '-', '+' are accepted",
+        ));
+    }
+    if reference.split('/').any(|part| part.starts_with('.')) {
+        return Err(bad("no part of it may start with '.'"));
+    }
+    Ok(reference)
 }
 
 /// The bare mirror of `url` under `mirrors`.

@@ -38,7 +38,8 @@ pub use outputs::{
 };
 pub use step::{BaseEnv, CancelHandle, CancelSignal, StepExit, StepRunner, cancel_pair};
 pub use workspace::{
-    FILE_MODE_KEY, export_subtree, prepare_workspace, remove_run_workspaces, workspace_dir,
+    FILE_MODE_KEY, FileAtRef, export_subtree, prepare_workspace, read_at_ref,
+    remove_run_workspaces, workspace_dir,
 };
 
 /// The exit code reported when the command never ran (the workspace could not be prepared).

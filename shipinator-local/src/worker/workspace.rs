@@ -238,6 +238,130 @@ pub async fn export_subtree(
     Ok(dest)
 }
 
+/// A file read out of a repository at a ref (see [`read_at_ref`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileAtRef {
+    /// The commit the ref named when it was read (full hexadecimal sha).
+    pub commit: String,
+    /// The file's text.
+    pub text: String,
+}
+
+/// Reads the file `path` of the commit that `reference` (a branch, a tag or a commit sha) names
+/// in the repository at `clone_url`, through the repository's mirror under the data directory:
+/// the mirror is cloned or fetched first, so a branch is read as the remote has it now, and the
+/// working tree of a `file://` repository is never looked at.
+///
+/// The server uses it to create a pipeline from the `.shipinator.yaml` a repository holds.
+///
+/// # Errors
+/// The URL, ref or path is unsafe; git fails (unreachable remote, unknown ref); the commit has
+/// no such file; the file is larger than `max_bytes` or not UTF-8.
+pub async fn read_at_ref(
+    data_dir: &DataDir,
+    base_env: &BaseEnv,
+    clone_url: &str,
+    reference: &str,
+    path: &str,
+    max_bytes: u64,
+) -> Result<FileAtRef, Error> {
+    let url = git::checked_url(clone_url)?;
+    let reference = git::checked_ref(reference)?;
+    let outside = || Error::Spec {
+        reason: format!("'{path}' must be a relative path inside the repository"),
+    };
+    let mut rel = PathBuf::new();
+    for comp in Path::new(path).components() {
+        match comp {
+            Component::Normal(c) => rel.push(c),
+            _ => return Err(outside()),
+        }
+    }
+    let Some(rel) = rel.to_str().filter(|r| !r.is_empty()) else {
+        return Err(outside());
+    };
+    let git = Git::new(base_env);
+    let mirrors = data_dir.mirrors();
+    std::fs::create_dir_all(&mirrors).map_err(|e| Error::io_at("creating", &mirrors, e))?;
+    let mirror = git::mirror_path(&mirrors, clone_url);
+    let _lock = lock(sibling(&mirror, ".lock")).await?;
+    // A full sha already in the mirror needs no fetch; a branch or tag may have moved.
+    let pinned = (reference.len() == 40 || reference.len() == 64)
+        && reference.bytes().all(|b| b.is_ascii_hexdigit());
+    git::ensure_mirror(&git, &mirror, &url, pinned.then_some(reference)).await?;
+    let commit = git
+        .run(
+            Some(&mirror),
+            &[
+                OsStr::new("rev-parse"),
+                OsStr::new("--verify"),
+                OsStr::new("--quiet"),
+                OsStr::new("--end-of-options"),
+                OsStr::new(&format!("{reference}^{{commit}}")),
+            ],
+        )
+        .await
+        .map_err(|_| Error::Spec {
+            reason: format!("{clone_url} has no branch, tag or commit named '{reference}'"),
+        })?
+        .trim()
+        .to_owned();
+    let object = format!("{commit}:{rel}");
+    let missing = || Error::Spec {
+        reason: format!("commit {commit} ('{reference}') of {clone_url} has no file '{rel}'"),
+    };
+    let kind = git
+        .run(
+            Some(&mirror),
+            &[
+                OsStr::new("cat-file"),
+                OsStr::new("-t"),
+                OsStr::new(&object),
+            ],
+        )
+        .await
+        .map_err(|_| missing())?;
+    if kind.trim() != "blob" {
+        return Err(missing());
+    }
+    let size: u64 = git
+        .run(
+            Some(&mirror),
+            &[
+                OsStr::new("cat-file"),
+                OsStr::new("-s"),
+                OsStr::new(&object),
+            ],
+        )
+        .await?
+        .trim()
+        .parse()
+        .map_err(|_| Error::Spec {
+            reason: format!("git reported no size for '{rel}' at {commit}"),
+        })?;
+    if size > max_bytes {
+        return Err(Error::Spec {
+            reason: format!(
+                "'{rel}' at commit {commit} is {size} bytes, more than the limit of {max_bytes}"
+            ),
+        });
+    }
+    let bytes = git
+        .run_bytes(
+            Some(&mirror),
+            &[
+                OsStr::new("cat-file"),
+                OsStr::new("blob"),
+                OsStr::new(&object),
+            ],
+        )
+        .await?;
+    let text = String::from_utf8(bytes).map_err(|_| Error::Spec {
+        reason: format!("'{rel}' at commit {commit} is not UTF-8 text"),
+    })?;
+    Ok(FileAtRef { commit, text })
+}
+
 /// Copies the directory `from` to `to`, skipping `.git` and `exclude` (the data directory, if
 /// it lies inside). Symbolic links are recreated, not followed.
 fn copy_tree(from: &Path, to: &Path, exclude: &Path) -> Result<(), Error> {

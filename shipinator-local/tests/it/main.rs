@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
+mod read_at_ref;
 mod support;
 
 use std::os::unix::fs::MetadataExt;

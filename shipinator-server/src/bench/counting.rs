@@ -221,4 +221,12 @@ impl Store for CountingStore {
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         self.inner.get_idempotency_record(pipeline, key).await
     }
+
+    async fn request_cancel(&self, run: RunId, by: &str, at: Timestamp) -> Result<(), StoreError> {
+        self.inner.request_cancel(run, by, at).await
+    }
+
+    async fn cancel_requests(&self, runs: &[RunId]) -> Result<Vec<RunId>, StoreError> {
+        self.inner.cancel_requests(runs).await
+    }
 }

@@ -109,9 +109,9 @@ pub(crate) enum PipelinesCommand {
             conflicts_with = "from_ref"
         )]
         file: Option<PathBuf>,
-        /// Let the server read `.shipinator.yaml` from the repository at this branch (only
-        /// `file://` repositories whose working tree has it checked out).
-        #[arg(long, value_name = "BRANCH")]
+        /// Let the server read `.shipinator.yaml` from the repository at this branch, tag or
+        /// commit (the server fetches it through its mirror of the repository).
+        #[arg(long, value_name = "REF")]
         from_ref: Option<String>,
         /// Which trigger the pipeline is registered for (default manual).
         #[arg(long, value_enum)]

@@ -199,8 +199,8 @@ impl From<Pipeline> for PipelineDto {
     }
 }
 
-/// A new pipeline, from a `.shipinator.yaml` body (`config`) or read from the repository
-/// (`from_ref`: only `file://` repositories whose working tree has that branch checked out).
+/// A new pipeline, from a `.shipinator.yaml` body (`config`) or read from the repository at a
+/// branch, tag or commit (`from_ref`), as the remote holds it.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct CreatePipeline {
@@ -213,7 +213,8 @@ pub(crate) struct CreatePipeline {
     pub(crate) trigger_type: Option<Trigger>,
     /// The `.shipinator.yaml` text.
     pub(crate) config: Option<String>,
-    /// Read `.shipinator.yaml` from the repository at this branch instead.
+    /// Read `.shipinator.yaml` from the repository at this branch, tag or commit instead
+    /// (fetched through the server's mirror of the repository).
     pub(crate) from_ref: Option<String>,
 }
 

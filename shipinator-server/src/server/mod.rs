@@ -56,6 +56,8 @@ pub(crate) struct AppState {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// Recently verified API tokens.
     pub(crate) tokens: Arc<auth::TokenCache>,
+    /// The data directory: repository mirrors for reading a `.shipinator.yaml` at a ref.
+    pub(crate) data_dir: shipinator_local::DataDir,
 }
 
 /// The application: every route, with tracing, request ids, timeouts and body limits.
@@ -449,6 +451,7 @@ pub(crate) async fn run(mut config: ServerConfig) -> anyhow::Result<()> {
         idempotency: Arc::new(Mutex::new(())),
         shutdown: stop_rx.clone(),
         tokens: Arc::default(),
+        data_dir: shipinator_local::DataDir::new(&config.data_dir),
     };
     bootstrap_admin(&state, &config.data_dir).await?;
     let event_metrics = metrics::spawn_event_metrics(&driver);

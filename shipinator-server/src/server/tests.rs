@@ -135,6 +135,7 @@ async fn harness(limits: Limits) -> Harness {
         idempotency: Arc::new(Mutex::new(())),
         shutdown: rx,
         tokens: Arc::default(),
+        data_dir: shipinator_local::DataDir::new(&config.data_dir),
     };
     let (admin, _) = api::tokens::issue(
         &state,
@@ -835,6 +836,71 @@ async fn errors_have_one_shape_and_name_the_field() {
         .await;
     assert_eq!(conflict.status, StatusCode::CONFLICT);
     assert_eq!(conflict.error_code(), "conflict");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_are_read_from_the_repository_at_a_branch_tag_or_commit() {
+    let h = harness(Limits::default()).await;
+    let admin = Some(h.admin.as_str());
+    let (_, pipeline, repo, first) = h.pipeline("from-ref", QUICK).await;
+    let repository = h
+        .call(
+            Method::GET,
+            &format!("/v1/pipelines/{pipeline}"),
+            admin,
+            None,
+        )
+        .await
+        .json()["repository_id"]
+        .clone();
+    git(repo.path(), &["tag", "v1"]);
+    git(repo.path(), &["checkout", "-q", "-b", "slow"]);
+    std::fs::write(repo.path().join(".shipinator.yaml"), SLOW).unwrap();
+    git(repo.path(), &["commit", "-qam", "slow"]);
+    git(repo.path(), &["checkout", "-q", "main"]);
+    // The working tree's edits are not what the server reads.
+    std::fs::write(repo.path().join(".shipinator.yaml"), "not: [yaml").unwrap();
+
+    let create = |name: &str, reference: &str| {
+        let body = json!({"repository_id": repository, "name": name, "from_ref": reference});
+        h.call(Method::POST, "/v1/pipelines", admin, Some(body))
+    };
+    for (name, reference, expect) in [
+        ("slow", "slow", SLOW),
+        ("tagged", "v1", QUICK),
+        ("pinned", first.as_str(), QUICK),
+    ] {
+        let r = create(name, reference).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{reference}: {:?}", r.body);
+        assert_eq!(r.json()["config"], expect, "{reference}");
+    }
+
+    for (reference, says) in [
+        ("nope", "no branch, tag or commit named 'nope'"),
+        (
+            "--upload-pack=x",
+            "is not a usable branch, tag or commit name",
+        ),
+    ] {
+        let r = create("bad", reference).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{reference}");
+        let e = &r.json()["error"];
+        assert_eq!(e["field"], "from_ref", "{e}");
+        assert!(e["message"].as_str().unwrap().contains(says), "{e}");
+    }
+    git(repo.path(), &["checkout", "-q", "-b", "empty"]);
+    git(repo.path(), &["rm", "-q", "--cached", ".shipinator.yaml"]);
+    git(repo.path(), &["commit", "-qm", "no config"]);
+    let r = create("bad", "empty").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has no file '.shipinator.yaml'"),
+        "{:?}",
+        r.body
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

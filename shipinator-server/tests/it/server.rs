@@ -420,6 +420,37 @@ async fn two_servers_on_one_postgres_share_the_runs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_to_the_replica_that_does_not_drive_the_run_stops_it() {
+    let cluster = tokio::task::spawn_blocking(shipinator_postgres::testing::TestCluster::shared)
+        .await
+        .unwrap()
+        .unwrap();
+    let url = cluster.create_database().await.unwrap();
+    let data = tempfile::tempdir().unwrap();
+    let gate = data.path().join("never");
+    let (repo, commit) = gated_repo(&gate);
+    let env = [("SHIPINATOR_DATABASE__URL", url.as_str())];
+    // Only the first replica is up when the run starts, so it drives the run.
+    let first = Server::start(data.path(), &env);
+    let pipeline = register(&first, "cancel-elsewhere", repo.path()).await;
+    let run = trigger(&first, &pipeline, &commit).await;
+    wait_status(&first, &run, &["running"]).await;
+    let second = Server::start(data.path(), &env);
+    let (s, body) = second
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/pipeline-runs/{run}/cancel"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 202, "{body}");
+    let done = wait_status(&second, &run, &["success", "failed", "canceled"]).await;
+    assert_eq!(done["status"], "canceled", "{done}");
+    first.terminate();
+    second.terminate();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_database_is_a_503_and_recovers() {
     let cluster = tokio::task::spawn_blocking(shipinator_postgres::testing::TestCluster::start)
         .await

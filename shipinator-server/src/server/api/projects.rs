@@ -207,36 +207,40 @@ pub(crate) async fn get_repository(
     Ok(Json(repo.into()))
 }
 
-/// Reads `.shipinator.yaml` from a `file://` repository whose working tree has `branch`
-/// checked out. The control plane never runs git, and reading a ref's tree from the object
-/// database is not implemented: other repositories send the file as `config`.
-fn read_from_repository(repo: &Repository, branch: &str) -> ApiResult<String> {
-    let Some(path) = repo.clone_url.strip_prefix("file://") else {
-        return Err(ApiError::field(
-            "from_ref",
-            "from_ref reads only file:// repositories; send the .shipinator.yaml text as `config`",
-        ));
-    };
-    let dir = std::path::Path::new(path);
-    let info = crate::gitinfo::discover(dir)
-        .map_err(|e| ApiError::field("from_ref", format!("cannot read {path}: {e}")))?
-        .ok_or_else(|| ApiError::field("from_ref", format!("{path} is not a git repository")))?;
-    if info.branch.as_deref() != Some(branch) {
-        return Err(ApiError::field(
-            "from_ref",
-            format!(
-                "{path} has {} checked out, not '{branch}'; send the .shipinator.yaml text as `config`",
-                info.branch.as_deref().unwrap_or("a detached HEAD")
-            ),
-        ));
-    }
-    let file = info.toplevel.join(config::FILE_NAME);
-    std::fs::read_to_string(&file).map_err(|e| {
+/// Reads `.shipinator.yaml` from the repository at `reference` (a branch, tag or commit),
+/// through the repository's mirror in the data directory: what the remote holds, never a
+/// working tree. Bounded by the JSON body limit, the size the text could have had as `config`.
+async fn read_from_repository(
+    state: &AppState,
+    repo: &Repository,
+    reference: &str,
+) -> ApiResult<String> {
+    let file = shipinator_local::worker::read_at_ref(
+        &state.data_dir,
+        &shipinator_local::worker::BaseEnv::from_process(),
+        &repo.clone_url,
+        reference,
+        config::FILE_NAME,
+        u64::try_from(state.limits.json_body_bytes).unwrap_or(u64::MAX),
+    )
+    .await
+    .map_err(|e| {
         ApiError::field(
             "from_ref",
-            format!("cannot read {} in the repository: {e}", config::FILE_NAME),
+            format!(
+                "cannot read {} at '{reference}': {}",
+                config::FILE_NAME,
+                shipinator_local::error_chain(&e)
+            ),
         )
-    })
+    })?;
+    tracing::info!(
+        repository_id = %repo.id,
+        reference,
+        commit = %file.commit,
+        "read the pipeline configuration from the repository"
+    );
+    Ok(file.text)
 }
 
 /// Create a pipeline from a `.shipinator.yaml` (admin of the project).
@@ -268,7 +272,7 @@ pub(crate) async fn create_pipeline(
     required_text("name", &body.name, 200)?;
     let text = match (body.config, body.from_ref) {
         (Some(text), None) => text,
-        (None, Some(branch)) => read_from_repository(&repo, &branch)?,
+        (None, Some(reference)) => read_from_repository(&state, &repo, &reference).await?,
         (Some(_), Some(_)) => {
             return Err(ApiError::field(
                 "from_ref",

@@ -154,7 +154,13 @@ pub(crate) async fn trigger_run(
         let stored = state.store.put_idempotency_record(&record).await?;
         if stored.run_id != run_id {
             // Another replica recorded this key first: ours is a duplicate.
-            let _ = state.driver.cancel_run(run_id);
+            if let Err(e) = state
+                .driver
+                .request_cancel(run_id, "idempotency-key duplicate")
+                .await
+            {
+                tracing::warn!(run_id = %run_id, error = %e, "cannot cancel a duplicate run");
+            }
             return replay(&state, &stored, &fingerprint).await;
         }
     }
@@ -352,7 +358,8 @@ pub(crate) async fn cancel_run(
             run.status
         )));
     }
-    state.driver.cancel_run(id)?;
+    // Recorded in the store, so the replica that drives the run cancels it.
+    state.driver.request_cancel(id, &caller.name()).await?;
     tracing::info!(run_id = %id, "run cancellation requested");
     Ok((StatusCode::ACCEPTED, Json(run.into())))
 }
