@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli_client;
+mod image;
 mod run;
 mod run_dogfood;
 mod run_signals;
