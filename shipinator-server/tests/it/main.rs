@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod cli_client;
+mod image;
 mod kubernetes;
 mod run;
 mod run_dogfood;
