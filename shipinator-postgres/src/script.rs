@@ -371,11 +371,9 @@ pub(crate) async fn apply(pool: &PgPool, batch: &Batch) -> Result<bool, StoreErr
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
-    use shipinator_core::conformance::store::{fixture, new_artifact, new_execution, new_run};
-    use shipinator_core::domain::{JobType, RunPhase, RunStatus, Status, Trigger};
-    use shipinator_core::store::{Fence, RunEvent, RunEventKind, Store};
+    use shipinator_core::conformance::store::step_start_batch;
+    use shipinator_core::domain::{RunPhase, RunStatus, Status};
+    use shipinator_core::store::Store;
 
     use super::*;
     use crate::PgStore;
@@ -390,70 +388,6 @@ mod tests {
         PgStore::connect(&url).await.unwrap()
     }
 
-    /// A step starting, as the engine commits it: a fenced batch updating the run, its job
-    /// and its step, inserting the execution and an artifact, and appending an event.
-    async fn step_start(store: &PgStore) -> Batch {
-        let fx = fixture(store).await;
-        let new = new_run(fx.pipeline.id, "main", Trigger::Push, fx.now);
-        store.create_run(&new).await.unwrap();
-        let lease = store
-            .claim_runs("script-test", Duration::from_secs(60), 10)
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|l| l.run_id == new.run.id)
-            .unwrap();
-        let job = new
-            .jobs
-            .iter()
-            .find(|j| j.job_type == JobType::Build)
-            .unwrap();
-        let step = new.steps.iter().find(|s| s.job_id == job.id).unwrap();
-        let execution = new_execution(step.id, 1, "local", fx.now);
-        Batch {
-            fences: vec![Fence {
-                run_id: new.run.id,
-                epoch: lease.epoch,
-            }],
-            writes: vec![
-                Write::UpdateRun {
-                    id: new.run.id,
-                    expected_version: 0,
-                    status: RunStatus::Running,
-                    phase: RunPhase::Building,
-                    started_at: Some(fx.now),
-                    finished_at: None,
-                },
-                Write::UpdateJob {
-                    id: job.id,
-                    expected_version: 0,
-                    status: Status::Running,
-                    started_at: Some(fx.now),
-                    finished_at: None,
-                },
-                Write::UpdateStep {
-                    id: step.id,
-                    expected_version: 0,
-                    status: Status::Running,
-                    attempt: 1,
-                    started_at: Some(fx.now),
-                    finished_at: None,
-                },
-                Write::InsertExecution(execution),
-                Write::InsertArtifact(new_artifact(new.run.id, job.id, Some(step.id), fx.now)),
-                Write::AppendEvent(RunEvent {
-                    run_id: new.run.id,
-                    at: fx.now,
-                    kind: RunEventKind::StepChanged {
-                        step_id: step.id,
-                        status: Status::Running,
-                        attempt: 1,
-                    },
-                }),
-            ],
-        }
-    }
-
     fn run_of(batch: &Batch) -> shipinator_core::domain::RunId {
         match batch.writes[0] {
             Write::UpdateRun { id, .. } => id,
@@ -464,7 +398,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_whose_preconditions_hold_is_one_statement() {
         let store = store().await;
-        let batch = step_start(&store).await;
+        let batch = step_start_batch(&store).await;
         let run = run_of(&batch);
         assert!(
             apply(&store.pool, &batch).await.unwrap(),
@@ -495,7 +429,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_precondition_writes_nothing() {
         let store = store().await;
-        let batch = step_start(&store).await;
+        let batch = step_start_batch(&store).await;
         let run = run_of(&batch);
 
         let mut fenced = batch.clone();

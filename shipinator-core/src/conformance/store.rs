@@ -2052,3 +2052,75 @@ pub async fn cancel_requests_are_recorded_once(store: &dyn Store) {
     }
     cancel_runs(store, &both).await;
 }
+
+/// A step starting, as the engine commits it: a fenced batch (the run claimed for it) updating
+/// the run, its job and its step, inserting the execution and an artifact, and appending an
+/// event. For adapters' tests of their commit path.
+///
+/// # Panics
+/// When the store cannot create or claim the run.
+pub async fn step_start_batch(store: &dyn Store) -> Batch {
+    let fx = fixture(store).await;
+    let new = new_run(fx.pipeline.id, "main", Trigger::Push, fx.now);
+    store.create_run(&new).await.expect("step_start_batch");
+    let lease = store
+        .claim_runs("script-test", Duration::from_secs(60), 10)
+        .await
+        .expect("step_start_batch")
+        .into_iter()
+        .find(|l| l.run_id == new.run.id)
+        .expect("step_start_batch");
+    let job = new
+        .jobs
+        .iter()
+        .find(|j| j.job_type == JobType::Build)
+        .expect("step_start_batch");
+    let step = new
+        .steps
+        .iter()
+        .find(|s| s.job_id == job.id)
+        .expect("step_start_batch");
+    let execution = new_execution(step.id, 1, "local", fx.now);
+    Batch {
+        fences: vec![Fence {
+            run_id: new.run.id,
+            epoch: lease.epoch,
+        }],
+        writes: vec![
+            Write::UpdateRun {
+                id: new.run.id,
+                expected_version: 0,
+                status: RunStatus::Running,
+                phase: RunPhase::Building,
+                started_at: Some(fx.now),
+                finished_at: None,
+            },
+            Write::UpdateJob {
+                id: job.id,
+                expected_version: 0,
+                status: Status::Running,
+                started_at: Some(fx.now),
+                finished_at: None,
+            },
+            Write::UpdateStep {
+                id: step.id,
+                expected_version: 0,
+                status: Status::Running,
+                attempt: 1,
+                started_at: Some(fx.now),
+                finished_at: None,
+            },
+            Write::InsertExecution(execution),
+            Write::InsertArtifact(new_artifact(new.run.id, job.id, Some(step.id), fx.now)),
+            Write::AppendEvent(RunEvent {
+                run_id: new.run.id,
+                at: fx.now,
+                kind: RunEventKind::StepChanged {
+                    step_id: step.id,
+                    status: Status::Running,
+                    attempt: 1,
+                },
+            }),
+        ],
+    }
+}
