@@ -27,7 +27,7 @@
 //!
 //! # Features
 //! - `rustls-tls` (default): TLS to the API server with rustls.
-//! - `testing`: [`testing::FakeApi`], an in-process fake API server whose simulated kubelet
+//! - `testing`: `testing::FakeApi`, an in-process fake API server whose simulated kubelet
 //!   can run pods as local processes.
 
 mod config;
