@@ -8,11 +8,14 @@
 //! statement, which tells those cases apart exactly as before. The text never changes, so the
 //! statement is prepared once per connection.
 //!
-//! All CTEs of one statement see the same snapshot and may not write one row twice, so a
-//! batch writing a row twice (or inserting and then updating one execution) is never sent
-//! this way.
+//! All CTEs of one statement see the same snapshot and may not write one row twice. Updates
+//! of one row that follow each other (each expecting the version the previous one left, as a
+//! run's orchestrator writes them) are folded into one: the first's expected version, the
+//! last's values, and the version raised by their number, which is what applying them in turn
+//! would leave. Any other batch writing a row twice (inserting and then updating one
+//! execution, or updates that do not follow each other) is never sent this way.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use shipinator_core::store::{Batch, StoreError, Write};
 use sqlx::PgPool;
@@ -32,27 +35,28 @@ const SQL: &str = "WITH \
         ON r.id = f.id AND r.lease_epoch = f.epoch \
       ORDER BY r.id FOR NO KEY UPDATE OF r), \
     runs AS (UPDATE pipeline_runs t SET status = u.status, phase = u.phase, \
-        started_at = u.started_at, finished_at = u.finished_at, version = t.version + 1 \
+        started_at = u.started_at, finished_at = u.finished_at, version = t.version + u.bump \
       FROM UNNEST($3::UUID[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], $7::TIMESTAMPTZ[], \
-        $8::TIMESTAMPTZ[]) AS u(id, expected, status, phase, started_at, finished_at) \
+        $8::TIMESTAMPTZ[], $57::BIGINT[]) \
+        AS u(id, expected, status, phase, started_at, finished_at, bump) \
       WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
     jobs AS (UPDATE jobs t SET status = u.status, started_at = u.started_at, \
-        finished_at = u.finished_at, version = t.version + 1 \
+        finished_at = u.finished_at, version = t.version + u.bump \
       FROM UNNEST($9::UUID[], $10::BIGINT[], $11::TEXT[], $12::TIMESTAMPTZ[], \
-        $13::TIMESTAMPTZ[]) AS u(id, expected, status, started_at, finished_at) \
+        $13::TIMESTAMPTZ[], $58::BIGINT[]) AS u(id, expected, status, started_at, finished_at, bump) \
       WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
     steps AS (UPDATE job_steps t SET status = u.status, attempt = u.attempt, \
-        started_at = u.started_at, finished_at = u.finished_at, version = t.version + 1 \
+        started_at = u.started_at, finished_at = u.finished_at, version = t.version + u.bump \
       FROM UNNEST($14::UUID[], $15::BIGINT[], $16::TEXT[], $17::BIGINT[], \
-        $18::TIMESTAMPTZ[], $19::TIMESTAMPTZ[]) \
-        AS u(id, expected, status, attempt, started_at, finished_at) \
+        $18::TIMESTAMPTZ[], $19::TIMESTAMPTZ[], $59::BIGINT[]) \
+        AS u(id, expected, status, attempt, started_at, finished_at, bump) \
       WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
     execs AS (UPDATE executions t SET status = u.status, external_id = u.external_id, \
         exit_code = u.exit_code, failure = u.failure, completed_at = u.completed_at, \
-        version = t.version + 1 \
+        version = t.version + u.bump \
       FROM UNNEST($20::UUID[], $21::BIGINT[], $22::TEXT[], $23::TEXT[], $24::INTEGER[], \
-        $25::TEXT[], $26::TIMESTAMPTZ[]) \
-        AS u(id, expected, status, external_id, exit_code, failure, completed_at) \
+        $25::TEXT[], $26::TIMESTAMPTZ[], $60::BIGINT[]) \
+        AS u(id, expected, status, external_id, exit_code, failure, completed_at, bump) \
       WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
     new_execs AS (INSERT INTO executions (id, job_step_id, attempt, executor_type, \
         external_id, status, exit_code, failure, version, submitted_at, completed_at) \
@@ -93,12 +97,14 @@ struct Columns<'a> {
     run_phases: Vec<&'static str>,
     run_started: Vec<Option<OffsetDateTime>>,
     run_finished: Vec<Option<OffsetDateTime>>,
+    run_bumps: Vec<i64>,
 
     job_ids: Vec<Uuid>,
     job_expected: Vec<i64>,
     job_statuses: Vec<&'static str>,
     job_started: Vec<Option<OffsetDateTime>>,
     job_finished: Vec<Option<OffsetDateTime>>,
+    job_bumps: Vec<i64>,
 
     step_ids: Vec<Uuid>,
     step_expected: Vec<i64>,
@@ -106,6 +112,7 @@ struct Columns<'a> {
     step_attempts: Vec<i64>,
     step_started: Vec<Option<OffsetDateTime>>,
     step_finished: Vec<Option<OffsetDateTime>>,
+    step_bumps: Vec<i64>,
 
     exec_ids: Vec<Uuid>,
     exec_expected: Vec<i64>,
@@ -114,6 +121,7 @@ struct Columns<'a> {
     exec_exit_codes: Vec<Option<i32>>,
     exec_failures: Vec<Option<&'a str>>,
     exec_completed: Vec<Option<OffsetDateTime>>,
+    exec_bumps: Vec<i64>,
 
     new_exec_ids: Vec<Uuid>,
     new_exec_steps: Vec<Uuid>,
@@ -151,33 +159,177 @@ fn expected(v: u64) -> Result<i64, StoreError> {
 }
 
 impl<'a> Columns<'a> {
-    /// The columns of `batch`, or `None` when it writes some row twice.
+    /// The columns of `batch`, or `None` when it writes some row twice in a way that cannot
+    /// be folded into one write.
     fn of(batch: &'a Batch) -> Result<Option<Self>, StoreError> {
         let mut c = Self::default();
-        let mut written: HashSet<(&'static str, Uuid)> = HashSet::new();
+        let mut inserted: HashSet<(&'static str, Uuid)> = HashSet::new();
+        // Each updated row and its position in its kind's columns.
+        let mut updated: HashMap<(&'static str, Uuid), usize> = HashMap::new();
         for fence in &batch.fences {
             c.fence_ids.push(fence.run_id.0);
             c.fence_epochs
                 .push(i64_of("epoch", fence.epoch).map_err(from_rows)?);
         }
         for write in &batch.writes {
-            let key = match write {
-                Write::UpdateRun { id, .. } => Some(("run", id.0)),
-                Write::UpdateJob { id, .. } => Some(("job", id.0)),
-                Write::UpdateStep { id, .. } => Some(("step", id.0)),
-                Write::UpdateExecution { id, .. } => Some(("execution", id.0)),
-                Write::InsertExecution(e) => Some(("execution", e.id.0)),
-                Write::InsertArtifact(a) => Some(("artifact", a.id.0)),
-                Write::AppendEvent(_) => None,
-            };
-            if let Some(key) = key
-                && !written.insert(key)
-            {
-                return Ok(None);
+            match write {
+                Write::UpdateRun { id, .. } => {
+                    if !c.update(
+                        write,
+                        ("run", id.0),
+                        c.run_ids.len(),
+                        &inserted,
+                        &mut updated,
+                    )? {
+                        return Ok(None);
+                    }
+                }
+                Write::UpdateJob { id, .. } => {
+                    if !c.update(
+                        write,
+                        ("job", id.0),
+                        c.job_ids.len(),
+                        &inserted,
+                        &mut updated,
+                    )? {
+                        return Ok(None);
+                    }
+                }
+                Write::UpdateStep { id, .. } => {
+                    let at = c.step_ids.len();
+                    if !c.update(write, ("step", id.0), at, &inserted, &mut updated)? {
+                        return Ok(None);
+                    }
+                }
+                Write::UpdateExecution { id, .. } => {
+                    let at = c.exec_ids.len();
+                    if !c.update(write, ("execution", id.0), at, &inserted, &mut updated)? {
+                        return Ok(None);
+                    }
+                }
+                Write::InsertExecution(e) => {
+                    let key = ("execution", e.id.0);
+                    if updated.contains_key(&key) || !inserted.insert(key) {
+                        return Ok(None);
+                    }
+                    c.push(write)?;
+                }
+                Write::InsertArtifact(a) => {
+                    if !inserted.insert(("artifact", a.id.0)) {
+                        return Ok(None);
+                    }
+                    c.push(write)?;
+                }
+                Write::AppendEvent(_) => c.push(write)?,
             }
-            c.push(write)?;
         }
         Ok(Some(c))
+    }
+
+    /// Adds the update `write` of the row `key`, which would go at position `at` of its
+    /// kind's columns, or folds it into the earlier update of that row. `false` when it
+    /// cannot be sent in one statement: the row was inserted by this batch, or the update
+    /// does not expect the version the earlier one leaves.
+    fn update(
+        &mut self,
+        write: &'a Write,
+        key: (&'static str, Uuid),
+        at: usize,
+        inserted: &HashSet<(&'static str, Uuid)>,
+        updated: &mut HashMap<(&'static str, Uuid), usize>,
+    ) -> Result<bool, StoreError> {
+        if inserted.contains(&key) {
+            return Ok(false);
+        }
+        let Some(&i) = updated.get(&key) else {
+            updated.insert(key, at);
+            self.push(write)?;
+            return Ok(true);
+        };
+        self.fold(i, write)
+    }
+
+    /// Folds a later update of the row at position `i` of its kind's columns into it: its
+    /// values replace the earlier ones and the version goes up once more. `false` (nothing
+    /// changed) unless it expects the version the earlier updates leave.
+    fn fold(&mut self, i: usize, write: &'a Write) -> Result<bool, StoreError> {
+        fn follows(expected_now: i64, bump: i64, v: u64) -> Result<bool, StoreError> {
+            Ok(expected(v)? == expected_now + bump)
+        }
+        match write {
+            Write::UpdateRun {
+                expected_version,
+                status,
+                phase,
+                started_at,
+                finished_at,
+                ..
+            } => {
+                if !follows(self.run_expected[i], self.run_bumps[i], *expected_version)? {
+                    return Ok(false);
+                }
+                self.run_statuses[i] = status.as_str();
+                self.run_phases[i] = phase.as_str();
+                self.run_started[i] = opt_ts(*started_at);
+                self.run_finished[i] = opt_ts(*finished_at);
+                self.run_bumps[i] += 1;
+            }
+            Write::UpdateJob {
+                expected_version,
+                status,
+                started_at,
+                finished_at,
+                ..
+            } => {
+                if !follows(self.job_expected[i], self.job_bumps[i], *expected_version)? {
+                    return Ok(false);
+                }
+                self.job_statuses[i] = status.as_str();
+                self.job_started[i] = opt_ts(*started_at);
+                self.job_finished[i] = opt_ts(*finished_at);
+                self.job_bumps[i] += 1;
+            }
+            Write::UpdateStep {
+                expected_version,
+                status,
+                attempt,
+                started_at,
+                finished_at,
+                ..
+            } => {
+                if !follows(self.step_expected[i], self.step_bumps[i], *expected_version)? {
+                    return Ok(false);
+                }
+                self.step_statuses[i] = status.as_str();
+                self.step_attempts[i] = i64::from(*attempt);
+                self.step_started[i] = opt_ts(*started_at);
+                self.step_finished[i] = opt_ts(*finished_at);
+                self.step_bumps[i] += 1;
+            }
+            Write::UpdateExecution {
+                expected_version,
+                status,
+                external_id,
+                exit_code,
+                failure,
+                completed_at,
+                ..
+            } => {
+                if !follows(self.exec_expected[i], self.exec_bumps[i], *expected_version)? {
+                    return Ok(false);
+                }
+                self.exec_statuses[i] = status.as_str();
+                self.exec_external_ids[i] = external_id.as_str();
+                self.exec_exit_codes[i] = *exit_code;
+                self.exec_failures[i] = failure.as_deref();
+                self.exec_completed[i] = opt_ts(*completed_at);
+                self.exec_bumps[i] += 1;
+            }
+            Write::InsertExecution(_) | Write::InsertArtifact(_) | Write::AppendEvent(_) => {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     fn push(&mut self, write: &'a Write) -> Result<(), StoreError> {
@@ -196,6 +348,7 @@ impl<'a> Columns<'a> {
                 self.run_phases.push(phase.as_str());
                 self.run_started.push(opt_ts(*started_at));
                 self.run_finished.push(opt_ts(*finished_at));
+                self.run_bumps.push(1);
             }
             Write::UpdateJob {
                 id,
@@ -209,6 +362,7 @@ impl<'a> Columns<'a> {
                 self.job_statuses.push(status.as_str());
                 self.job_started.push(opt_ts(*started_at));
                 self.job_finished.push(opt_ts(*finished_at));
+                self.job_bumps.push(1);
             }
             Write::UpdateStep {
                 id,
@@ -224,6 +378,7 @@ impl<'a> Columns<'a> {
                 self.step_attempts.push(i64::from(*attempt));
                 self.step_started.push(opt_ts(*started_at));
                 self.step_finished.push(opt_ts(*finished_at));
+                self.step_bumps.push(1);
             }
             Write::UpdateExecution {
                 id,
@@ -241,6 +396,7 @@ impl<'a> Columns<'a> {
                 self.exec_exit_codes.push(*exit_code);
                 self.exec_failures.push(failure.as_deref());
                 self.exec_completed.push(opt_ts(*completed_at));
+                self.exec_bumps.push(1);
             }
             Write::InsertExecution(e) => {
                 self.new_exec_ids.push(e.id.0);
@@ -289,7 +445,8 @@ impl<'a> Columns<'a> {
 }
 
 /// Applies `batch` in one statement. `Ok(true)`: committed. `Ok(false)`: nothing was written
-/// (a precondition failed, the batch writes a row twice, or the database refused a
+/// (a precondition failed, the batch writes a row twice in a way that cannot be folded, or
+/// the database refused a
 /// statement); the caller applies it statement by statement.
 ///
 /// # Errors
@@ -355,6 +512,10 @@ pub(crate) async fn apply(pool: &PgPool, batch: &Batch) -> Result<bool, StoreErr
         .bind(announce(batch))
         .bind(WAKEUP_CHANNEL)
         .bind(FAILED)
+        .bind(&c.run_bumps)
+        .bind(&c.job_bumps)
+        .bind(&c.step_bumps)
+        .bind(&c.exec_bumps)
         .execute(pool)
         .await;
     match result {
@@ -464,14 +625,16 @@ mod tests {
         assert!(record.artifacts.is_empty());
         assert!(store.list_events(0, 1000).await.unwrap().is_empty());
 
-        // A batch writing one row twice is never sent as one statement.
+        // A batch updating one row twice, the second expecting another version than the
+        // first leaves, is never sent as one statement.
+        let step_id = match batch.writes[2] {
+            Write::UpdateStep { id, .. } => id,
+            _ => panic!("the third write updates the step"),
+        };
         let mut twice = batch.clone();
         twice.writes.push(Write::UpdateStep {
-            id: match batch.writes[2] {
-                Write::UpdateStep { id, .. } => id,
-                _ => panic!("the third write updates the step"),
-            },
-            expected_version: 1,
+            id: step_id,
+            expected_version: 5,
             status: Status::Succeeded,
             attempt: 1,
             started_at: None,
@@ -479,15 +642,86 @@ mod tests {
         });
         assert!(!apply(&store.pool, &twice).await.unwrap());
         assert_eq!(store.load_run(run).await.unwrap().run.version, 0);
-        store.commit(&twice).await.unwrap();
+        let err = store.commit(&twice).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Conflict { what: "step", .. }),
+            "{err:?}"
+        );
+        assert_eq!(store.load_run(run).await.unwrap().run.version, 0);
+
+        // One inserting and then updating an execution is not either.
+        let exec = batch
+            .writes
+            .iter()
+            .find_map(|w| match w {
+                Write::InsertExecution(e) => Some(e.clone()),
+                _ => None,
+            })
+            .expect("the batch inserts an execution");
+        let mut inserted_then_updated = batch.clone();
+        inserted_then_updated.writes.push(Write::UpdateExecution {
+            id: exec.id,
+            expected_version: exec.version,
+            status: Status::Running,
+            external_id: "x".to_owned(),
+            exit_code: None,
+            failure: None,
+            completed_at: None,
+        });
+        assert!(!apply(&store.pool, &inserted_then_updated).await.unwrap());
+        assert_eq!(store.load_run(run).await.unwrap().run.version, 0);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn updates_of_one_row_that_follow_each_other_are_folded() {
+        let store = store().await;
+        let batch = step_start_batch(&store).await;
+        let run = run_of(&batch);
+        let step_id = match batch.writes[2] {
+            Write::UpdateStep { id, .. } => id,
+            _ => panic!("the third write updates the step"),
+        };
+        let started = match &batch.writes[2] {
+            Write::UpdateStep { started_at, .. } => *started_at,
+            _ => panic!("the third write updates the step"),
+        };
+        let mut twice = batch.clone();
+        twice.writes.push(Write::UpdateStep {
+            id: step_id,
+            expected_version: 1,
+            status: Status::Succeeded,
+            attempt: 1,
+            started_at: started,
+            finished_at: None,
+        });
+        assert!(
+            apply(&store.pool, &twice).await.unwrap(),
+            "the second update expects what the first leaves: one statement"
+        );
         let record = store.load_run(run).await.unwrap();
+        let step = record
+            .steps
+            .iter()
+            .find(|s| s.id == step_id)
+            .expect("the step is stored");
+        assert_eq!(step.status, Status::Succeeded, "the last update's values");
+        assert_eq!(step.version, 2, "raised once per update, as in turn");
+        assert_eq!(record.run.version, 1);
+
+        // The same batch again: its compare-and-sets fail, and nothing is written twice
+        // whatever the transaction path then decides.
+        assert!(!apply(&store.pool, &twice).await.unwrap());
+        let _ = store.commit(&twice).await;
         assert_eq!(
-            record
+            store
+                .load_run(run)
+                .await
+                .unwrap()
                 .steps
                 .iter()
-                .filter(|s| s.status == Status::Succeeded)
-                .count(),
-            1
+                .find(|s| s.id == step_id)
+                .map(|s| s.version),
+            Some(2)
         );
     }
 }
