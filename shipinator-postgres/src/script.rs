@@ -5,8 +5,10 @@
 //! rows each CTE reports with the number it was given and, if any precondition failed (a
 //! fence, a conflict, an idempotent replay, a missing row), raises an error, which undoes the
 //! whole statement. The caller then applies the batch in a transaction, statement by
-//! statement, which tells those cases apart exactly as before. The text never changes, so the
-//! statement is prepared once per connection.
+//! statement, which tells those cases apart exactly as before. Only the CTEs of the kinds a
+//! batch writes are sent (planning and starting the others cost more than the writes): one
+//! fixed text per combination of kinds, of which an engine uses a handful, each prepared once
+//! per connection.
 //!
 //! All CTEs of one statement see the same snapshot and may not write one row twice. Updates
 //! of one row that follow each other (each expecting the version the previous one left, as a
@@ -16,6 +18,7 @@
 //! execution, or updates that do not follow each other) is never sent this way.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::OnceLock;
 
 use shipinator_core::store::{Batch, StoreError, Write};
 use sqlx::PgPool;
@@ -29,61 +32,184 @@ use crate::store::{announce, db, from_rows};
 /// What the final `SELECT` raises when a precondition failed; never raised otherwise.
 const FAILED: &str = "shipinator: a precondition of the batch failed";
 
-const SQL: &str = "WITH \
-    fence AS (SELECT r.id FROM pipeline_runs r \
-      JOIN UNNEST($1::UUID[], $2::BIGINT[]) AS f(id, epoch) \
-        ON r.id = f.id AND r.lease_epoch = f.epoch \
-      ORDER BY r.id FOR NO KEY UPDATE OF r), \
-    runs AS (UPDATE pipeline_runs t SET status = u.status, phase = u.phase, \
-        started_at = u.started_at, finished_at = u.finished_at, version = t.version + u.bump \
-      FROM UNNEST($3::UUID[], $4::BIGINT[], $5::TEXT[], $6::TEXT[], $7::TIMESTAMPTZ[], \
-        $8::TIMESTAMPTZ[], $57::BIGINT[]) \
-        AS u(id, expected, status, phase, started_at, finished_at, bump) \
-      WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
-    jobs AS (UPDATE jobs t SET status = u.status, started_at = u.started_at, \
-        finished_at = u.finished_at, version = t.version + u.bump \
-      FROM UNNEST($9::UUID[], $10::BIGINT[], $11::TEXT[], $12::TIMESTAMPTZ[], \
-        $13::TIMESTAMPTZ[], $58::BIGINT[]) AS u(id, expected, status, started_at, finished_at, bump) \
-      WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
-    steps AS (UPDATE job_steps t SET status = u.status, attempt = u.attempt, \
-        started_at = u.started_at, finished_at = u.finished_at, version = t.version + u.bump \
-      FROM UNNEST($14::UUID[], $15::BIGINT[], $16::TEXT[], $17::BIGINT[], \
-        $18::TIMESTAMPTZ[], $19::TIMESTAMPTZ[], $59::BIGINT[]) \
-        AS u(id, expected, status, attempt, started_at, finished_at, bump) \
-      WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
-    execs AS (UPDATE executions t SET status = u.status, external_id = u.external_id, \
-        exit_code = u.exit_code, failure = u.failure, completed_at = u.completed_at, \
-        version = t.version + u.bump \
-      FROM UNNEST($20::UUID[], $21::BIGINT[], $22::TEXT[], $23::TEXT[], $24::INTEGER[], \
-        $25::TEXT[], $26::TIMESTAMPTZ[], $60::BIGINT[]) \
-        AS u(id, expected, status, external_id, exit_code, failure, completed_at, bump) \
-      WHERE t.id = u.id AND t.version = u.expected RETURNING t.id), \
-    new_execs AS (INSERT INTO executions (id, job_step_id, attempt, executor_type, \
-        external_id, status, exit_code, failure, version, submitted_at, completed_at) \
-      SELECT * FROM UNNEST($27::UUID[], $28::UUID[], $29::BIGINT[], $30::TEXT[], $31::TEXT[], \
-        $32::TEXT[], $33::INTEGER[], $34::TEXT[], $35::BIGINT[], $36::TIMESTAMPTZ[], \
-        $37::TIMESTAMPTZ[]) \
-      ON CONFLICT (id) DO NOTHING RETURNING id), \
-    new_artifacts AS (INSERT INTO artifacts (id, job_id, step_id, run_id, artifact_type, \
-        name, path, storage_backend, storage_path, checksum, size, metadata, created_at) \
-      SELECT * FROM UNNEST($38::UUID[], $39::UUID[], $40::UUID[], $41::UUID[], $42::TEXT[], \
-        $43::TEXT[], $44::TEXT[], $45::TEXT[], $46::TEXT[], $47::TEXT[], $48::BIGINT[], \
-        $49::JSONB[], $50::TIMESTAMPTZ[]) \
-      ON CONFLICT (id) DO NOTHING RETURNING id), \
-    events AS (INSERT INTO run_events (run_id, at, kind) \
-      SELECT r, a, k FROM UNNEST($51::UUID[], $52::TIMESTAMPTZ[], $53::JSONB[]) \
-        WITH ORDINALITY AS e(r, a, k, n) ORDER BY n \
-      RETURNING id) \
-    SELECT (CASE WHEN (SELECT count(*) FROM fence) = cardinality($1::UUID[]) \
-        AND (SELECT count(*) FROM runs) = cardinality($3::UUID[]) \
-        AND (SELECT count(*) FROM jobs) = cardinality($9::UUID[]) \
-        AND (SELECT count(*) FROM steps) = cardinality($14::UUID[]) \
-        AND (SELECT count(*) FROM execs) = cardinality($20::UUID[]) \
-        AND (SELECT count(*) FROM new_execs) = cardinality($27::UUID[]) \
-        AND (SELECT count(*) FROM new_artifacts) = cardinality($38::UUID[]) \
-        AND (SELECT count(*) FROM events) = cardinality($51::UUID[]) \
-      THEN NULL ELSE $56::TEXT END)::INTEGER AS failed, \
-      CASE WHEN $54::BOOLEAN THEN pg_notify($55::TEXT, '') END AS notified";
+/// One data-modifying CTE (or the fence's locking read) per kind of write, in this order.
+/// Each is `(name, text, parameter types)`: `{N}` in the text is the kind's N-th parameter,
+/// bound from the column arrays in the order of the types.
+const KINDS: [(&str, &str, &[&str]); 8] = [
+    (
+        "fence",
+        "SELECT r.id FROM pipeline_runs r \
+           JOIN UNNEST({0}, {1}) AS f(id, epoch) ON r.id = f.id AND r.lease_epoch = f.epoch \
+           ORDER BY r.id FOR NO KEY UPDATE OF r",
+        &["UUID[]", "BIGINT[]"],
+    ),
+    (
+        "runs",
+        "UPDATE pipeline_runs t SET status = u.status, phase = u.phase, \
+           started_at = u.started_at, finished_at = u.finished_at, version = t.version + u.bump \
+         FROM UNNEST({0}, {1}, {2}, {3}, {4}, {5}, {6}) \
+           AS u(id, expected, status, phase, started_at, finished_at, bump) \
+         WHERE t.id = u.id AND t.version = u.expected RETURNING t.id",
+        &[
+            "UUID[]",
+            "BIGINT[]",
+            "TEXT[]",
+            "TEXT[]",
+            "TIMESTAMPTZ[]",
+            "TIMESTAMPTZ[]",
+            "BIGINT[]",
+        ],
+    ),
+    (
+        "jobs",
+        "UPDATE jobs t SET status = u.status, started_at = u.started_at, \
+           finished_at = u.finished_at, version = t.version + u.bump \
+         FROM UNNEST({0}, {1}, {2}, {3}, {4}, {5}) \
+           AS u(id, expected, status, started_at, finished_at, bump) \
+         WHERE t.id = u.id AND t.version = u.expected RETURNING t.id",
+        &[
+            "UUID[]",
+            "BIGINT[]",
+            "TEXT[]",
+            "TIMESTAMPTZ[]",
+            "TIMESTAMPTZ[]",
+            "BIGINT[]",
+        ],
+    ),
+    (
+        "steps",
+        "UPDATE job_steps t SET status = u.status, attempt = u.attempt, \
+           started_at = u.started_at, finished_at = u.finished_at, version = t.version + u.bump \
+         FROM UNNEST({0}, {1}, {2}, {3}, {4}, {5}, {6}) \
+           AS u(id, expected, status, attempt, started_at, finished_at, bump) \
+         WHERE t.id = u.id AND t.version = u.expected RETURNING t.id",
+        &[
+            "UUID[]",
+            "BIGINT[]",
+            "TEXT[]",
+            "BIGINT[]",
+            "TIMESTAMPTZ[]",
+            "TIMESTAMPTZ[]",
+            "BIGINT[]",
+        ],
+    ),
+    (
+        "execs",
+        "UPDATE executions t SET status = u.status, external_id = u.external_id, \
+           exit_code = u.exit_code, failure = u.failure, completed_at = u.completed_at, \
+           version = t.version + u.bump \
+         FROM UNNEST({0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}) \
+           AS u(id, expected, status, external_id, exit_code, failure, completed_at, bump) \
+         WHERE t.id = u.id AND t.version = u.expected RETURNING t.id",
+        &[
+            "UUID[]",
+            "BIGINT[]",
+            "TEXT[]",
+            "TEXT[]",
+            "INTEGER[]",
+            "TEXT[]",
+            "TIMESTAMPTZ[]",
+            "BIGINT[]",
+        ],
+    ),
+    (
+        "new_execs",
+        "INSERT INTO executions (id, job_step_id, attempt, executor_type, external_id, status, \
+           exit_code, failure, version, submitted_at, completed_at) \
+         SELECT * FROM UNNEST({0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}) \
+         ON CONFLICT (id) DO NOTHING RETURNING id",
+        &[
+            "UUID[]",
+            "UUID[]",
+            "BIGINT[]",
+            "TEXT[]",
+            "TEXT[]",
+            "TEXT[]",
+            "INTEGER[]",
+            "TEXT[]",
+            "BIGINT[]",
+            "TIMESTAMPTZ[]",
+            "TIMESTAMPTZ[]",
+        ],
+    ),
+    (
+        "new_artifacts",
+        "INSERT INTO artifacts (id, job_id, step_id, run_id, artifact_type, name, path, \
+           storage_backend, storage_path, checksum, size, metadata, created_at) \
+         SELECT * FROM UNNEST({0}, {1}, {2}, {3}, {4}, {5}, {6}, {7}, {8}, {9}, {10}, {11}, \
+           {12}) \
+         ON CONFLICT (id) DO NOTHING RETURNING id",
+        &[
+            "UUID[]",
+            "UUID[]",
+            "UUID[]",
+            "UUID[]",
+            "TEXT[]",
+            "TEXT[]",
+            "TEXT[]",
+            "TEXT[]",
+            "TEXT[]",
+            "TEXT[]",
+            "BIGINT[]",
+            "JSONB[]",
+            "TIMESTAMPTZ[]",
+        ],
+    ),
+    (
+        "events",
+        "INSERT INTO run_events (run_id, at, kind) \
+         SELECT r, a, k FROM UNNEST({0}, {1}, {2}) WITH ORDINALITY AS e(r, a, k, n) ORDER BY n \
+         RETURNING id",
+        &["UUID[]", "TIMESTAMPTZ[]", "JSONB[]"],
+    ),
+];
+
+/// The statement for the kinds of write in `mask` (bit `i`: `KINDS[i]`), built once per mask:
+/// a batch plans and initialises only the CTEs it needs. Parameters are numbered in the order
+/// of `KINDS`, then come the announcement flag, the wake-up channel and the failure message.
+fn sql_for(mask: u8) -> &'static str {
+    static TEXTS: [OnceLock<String>; 256] = [const { OnceLock::new() }; 256];
+    TEXTS[usize::from(mask)].get_or_init(|| build_sql(mask))
+}
+
+fn build_sql(mask: u8) -> String {
+    let mut ctes = Vec::new();
+    let mut checks = Vec::new();
+    let mut n = 0usize;
+    for (bit, (name, text, types)) in KINDS.iter().enumerate() {
+        if mask & (1 << bit) == 0 {
+            continue;
+        }
+        let mut body = (*text).to_owned();
+        for (k, ty) in types.iter().enumerate() {
+            body = body.replace(&format!("{{{k}}}"), &format!("${}::{ty}", n + k + 1));
+        }
+        checks.push(format!(
+            "(SELECT count(*) FROM {name}) = cardinality(${}::{})",
+            n + 1,
+            types[0]
+        ));
+        n += types.len();
+        ctes.push(format!("{name} AS ({body})"));
+    }
+    let checks = if checks.is_empty() {
+        "TRUE".to_owned()
+    } else {
+        checks.join(" AND ")
+    };
+    let with = if ctes.is_empty() {
+        String::new()
+    } else {
+        format!("WITH {} ", ctes.join(", "))
+    };
+    format!(
+        "{with}SELECT (CASE WHEN {checks} THEN NULL ELSE ${failed}::TEXT END)::INTEGER AS failed, \
+         CASE WHEN ${announce}::BOOLEAN THEN pg_notify(${channel}::TEXT, '') END AS notified",
+        announce = n + 1,
+        channel = n + 2,
+        failed = n + 3,
+    )
+}
 
 /// The columns of a batch, one array per column, in the statement's parameter order.
 #[derive(Default)]
@@ -455,67 +581,104 @@ pub(crate) async fn apply(pool: &PgPool, batch: &Batch) -> Result<bool, StoreErr
     let Some(c) = Columns::of(batch)? else {
         return Ok(false);
     };
-    let result = sqlx::query(SQL)
-        .bind(&c.fence_ids)
-        .bind(&c.fence_epochs)
-        .bind(&c.run_ids)
-        .bind(&c.run_expected)
-        .bind(&c.run_statuses)
-        .bind(&c.run_phases)
-        .bind(&c.run_started)
-        .bind(&c.run_finished)
-        .bind(&c.job_ids)
-        .bind(&c.job_expected)
-        .bind(&c.job_statuses)
-        .bind(&c.job_started)
-        .bind(&c.job_finished)
-        .bind(&c.step_ids)
-        .bind(&c.step_expected)
-        .bind(&c.step_statuses)
-        .bind(&c.step_attempts)
-        .bind(&c.step_started)
-        .bind(&c.step_finished)
-        .bind(&c.exec_ids)
-        .bind(&c.exec_expected)
-        .bind(&c.exec_statuses)
-        .bind(&c.exec_external_ids)
-        .bind(&c.exec_exit_codes)
-        .bind(&c.exec_failures)
-        .bind(&c.exec_completed)
-        .bind(&c.new_exec_ids)
-        .bind(&c.new_exec_steps)
-        .bind(&c.new_exec_attempts)
-        .bind(&c.new_exec_types)
-        .bind(&c.new_exec_external_ids)
-        .bind(&c.new_exec_statuses)
-        .bind(&c.new_exec_exit_codes)
-        .bind(&c.new_exec_failures)
-        .bind(&c.new_exec_versions)
-        .bind(&c.new_exec_submitted)
-        .bind(&c.new_exec_completed)
-        .bind(&c.art_ids)
-        .bind(&c.art_jobs)
-        .bind(&c.art_steps)
-        .bind(&c.art_runs)
-        .bind(&c.art_types)
-        .bind(&c.art_names)
-        .bind(&c.art_paths)
-        .bind(&c.art_backends)
-        .bind(&c.art_storage_paths)
-        .bind(&c.art_checksums)
-        .bind(&c.art_sizes)
-        .bind(&c.art_metadata)
-        .bind(&c.art_created)
-        .bind(&c.event_runs)
-        .bind(&c.event_ats)
-        .bind(&c.event_kinds)
+    let kinds = [
+        !c.fence_ids.is_empty(),
+        !c.run_ids.is_empty(),
+        !c.job_ids.is_empty(),
+        !c.step_ids.is_empty(),
+        !c.exec_ids.is_empty(),
+        !c.new_exec_ids.is_empty(),
+        !c.art_ids.is_empty(),
+        !c.event_runs.is_empty(),
+    ];
+    let mask = kinds
+        .iter()
+        .enumerate()
+        .fold(0u8, |m, (bit, present)| m | (u8::from(*present) << bit));
+    let mut q = sqlx::query(sql_for(mask));
+    if kinds[0] {
+        q = q.bind(&c.fence_ids).bind(&c.fence_epochs);
+    }
+    if kinds[1] {
+        q = q
+            .bind(&c.run_ids)
+            .bind(&c.run_expected)
+            .bind(&c.run_statuses)
+            .bind(&c.run_phases)
+            .bind(&c.run_started)
+            .bind(&c.run_finished)
+            .bind(&c.run_bumps);
+    }
+    if kinds[2] {
+        q = q
+            .bind(&c.job_ids)
+            .bind(&c.job_expected)
+            .bind(&c.job_statuses)
+            .bind(&c.job_started)
+            .bind(&c.job_finished)
+            .bind(&c.job_bumps);
+    }
+    if kinds[3] {
+        q = q
+            .bind(&c.step_ids)
+            .bind(&c.step_expected)
+            .bind(&c.step_statuses)
+            .bind(&c.step_attempts)
+            .bind(&c.step_started)
+            .bind(&c.step_finished)
+            .bind(&c.step_bumps);
+    }
+    if kinds[4] {
+        q = q
+            .bind(&c.exec_ids)
+            .bind(&c.exec_expected)
+            .bind(&c.exec_statuses)
+            .bind(&c.exec_external_ids)
+            .bind(&c.exec_exit_codes)
+            .bind(&c.exec_failures)
+            .bind(&c.exec_completed)
+            .bind(&c.exec_bumps);
+    }
+    if kinds[5] {
+        q = q
+            .bind(&c.new_exec_ids)
+            .bind(&c.new_exec_steps)
+            .bind(&c.new_exec_attempts)
+            .bind(&c.new_exec_types)
+            .bind(&c.new_exec_external_ids)
+            .bind(&c.new_exec_statuses)
+            .bind(&c.new_exec_exit_codes)
+            .bind(&c.new_exec_failures)
+            .bind(&c.new_exec_versions)
+            .bind(&c.new_exec_submitted)
+            .bind(&c.new_exec_completed);
+    }
+    if kinds[6] {
+        q = q
+            .bind(&c.art_ids)
+            .bind(&c.art_jobs)
+            .bind(&c.art_steps)
+            .bind(&c.art_runs)
+            .bind(&c.art_types)
+            .bind(&c.art_names)
+            .bind(&c.art_paths)
+            .bind(&c.art_backends)
+            .bind(&c.art_storage_paths)
+            .bind(&c.art_checksums)
+            .bind(&c.art_sizes)
+            .bind(&c.art_metadata)
+            .bind(&c.art_created);
+    }
+    if kinds[7] {
+        q = q
+            .bind(&c.event_runs)
+            .bind(&c.event_ats)
+            .bind(&c.event_kinds);
+    }
+    let result = q
         .bind(announce(batch))
         .bind(WAKEUP_CHANNEL)
         .bind(FAILED)
-        .bind(&c.run_bumps)
-        .bind(&c.job_bumps)
-        .bind(&c.step_bumps)
-        .bind(&c.exec_bumps)
         .execute(pool)
         .await;
     match result {
@@ -553,6 +716,32 @@ mod tests {
         match batch.writes[0] {
             Write::UpdateRun { id, .. } => id,
             _ => panic!("the first write updates the run"),
+        }
+    }
+
+    #[test]
+    fn every_statement_numbers_its_parameters_in_order() {
+        for mask in 0..=u8::MAX {
+            let sql = build_sql(mask);
+            let types: usize = KINDS
+                .iter()
+                .enumerate()
+                .filter(|(bit, _)| mask & (1 << bit) != 0)
+                .map(|(_, (_, _, types))| types.len())
+                .sum();
+            let count = types + 3;
+            for n in 1..=count {
+                assert!(
+                    sql.contains(&format!("${n}::")),
+                    "mask {mask:#x}: ${n} missing"
+                );
+            }
+            assert!(!sql.contains(&format!("${}:", count + 1)), "mask {mask:#x}");
+            assert!(
+                !sql.contains('{'),
+                "mask {mask:#x}: a placeholder is left: {sql}"
+            );
+            assert_eq!(sql_for(mask), sql);
         }
     }
 
