@@ -69,6 +69,14 @@ pub struct DriverConfig {
     pub max_runs: u32,
     /// First delay of the store-unavailable backoff (doubling up to 32 times that).
     pub retry_backoff: Duration,
+    /// How long the writes recording that executions started may wait for the next commit.
+    /// A tick that only learns that executions started, and carries out no side effect, is
+    /// not committed on its own: its writes go first in the next tick's commit (often the
+    /// execution's end, for a short step), or alone once this delay has passed. Nothing
+    /// depends on them being durable (an execution recorded `pending` is submitted again
+    /// under the same id after a restart), and the order of writes is kept. Zero commits
+    /// them at once; 50 ms by default.
+    pub started_write_delay: Duration,
     /// The orchestrator's configuration; its `executor_type` is taken from the executor.
     pub orchestrator: OrchestratorConfig,
 }
@@ -82,6 +90,7 @@ impl Default for DriverConfig {
             poll_interval: Duration::from_secs(10),
             max_runs: 10_000,
             retry_backoff: Duration::from_millis(50),
+            started_write_delay: Duration::from_millis(50),
             orchestrator: OrchestratorConfig::default(),
         }
     }
@@ -242,6 +251,7 @@ impl Driver {
             waiters: HashMap::new(),
             tick_writes: TickWrites::default(),
             tick_effects: Vec::new(),
+            deferred_until: None,
         };
         let reports = state.executor.reports();
         let wakeups = self.wakeups.map(|w| w.0);
@@ -472,9 +482,12 @@ struct Loop {
     claim_now: bool,
     /// Callers of `wait_for_run`, woken when the run ends.
     waiters: HashMap<RunId, Vec<oneshot::Sender<bool>>>,
-    /// Buffers of `tick`, empty between ticks.
+    /// Buffers of `tick`, empty between ticks unless `deferred_until` is set.
     tick_writes: TickWrites,
     tick_effects: Vec<Command>,
+    /// Set while `tick_writes` holds the writes of ticks that only learned executions
+    /// started: they are committed with the next tick, or alone at this instant.
+    deferred_until: Option<Instant>,
 }
 
 /// The writes of one tick, in order, and which run each slice of them belongs to.
@@ -566,6 +579,9 @@ impl Loop {
                 if let Some(t) = self.orch.poll_timeout() {
                     wake = wake.min(self.clock.instant_of(t));
                 }
+                if let Some(t) = self.deferred_until {
+                    wake = wake.min(t);
+                }
                 tokio::select! {
                     msg = self.rx.recv() => match msg {
                         None => {
@@ -575,6 +591,7 @@ impl Loop {
                         Some(Msg::Shutdown(done)) => {
                             self.drain(&mut inputs);
                             self.tick(&mut inputs).await;
+                            self.flush_deferred().await;
                             self.stop().await;
                             let _ = done.send(());
                             return;
@@ -602,6 +619,7 @@ impl Loop {
             }
             if stop {
                 self.tick(&mut inputs).await;
+                self.flush_deferred().await;
                 self.stop().await;
                 return;
             }
@@ -610,7 +628,13 @@ impl Loop {
             {
                 inputs.push(Input::TimerFired);
             }
-            self.tick(&mut inputs).await;
+            if inputs.is_empty() {
+                if self.deferred_until.is_some_and(|t| t <= Instant::now()) {
+                    self.flush_deferred().await;
+                }
+            } else {
+                self.tick(&mut inputs).await;
+            }
         }
     }
 
@@ -877,9 +901,16 @@ impl Loop {
         }
         let now = self.clock.now();
         // The tick's buffers are kept from one tick to the next (emptied): a burst of inputs
-        // would otherwise allocate and free large blocks on every tick.
+        // would otherwise allocate and free large blocks on every tick. They may hold the
+        // deferred writes of earlier ticks, which go first.
         let mut tick = std::mem::take(&mut self.tick_writes);
+        if self.deferred_until.is_some() {
+            self.drop_unowned(&mut tick);
+        }
         let mut effects = std::mem::take(&mut self.tick_effects);
+        let only_started = inputs
+            .iter()
+            .all(|i| matches!(i, Input::ExecutionStarted { .. }));
         for input in inputs.drain(..) {
             for cmd in self.orch.handle(now, input) {
                 match cmd {
@@ -888,12 +919,54 @@ impl Loop {
                 }
             }
         }
+        if only_started && effects.is_empty() && !self.config.started_write_delay.is_zero() {
+            // Nothing waits for these writes: let them ride with the next commit.
+            if !tick.writes.is_empty() && self.deferred_until.is_none() {
+                self.deferred_until = Some(Instant::now() + self.config.started_write_delay);
+            }
+            self.tick_writes = tick;
+            self.tick_effects = effects;
+            return;
+        }
+        self.deferred_until = None;
         let failed = self.commit(&mut tick).await;
         for cmd in effects.drain(..) {
             self.effect(cmd, &failed).await;
         }
         self.tick_writes = tick;
         self.tick_effects = effects;
+    }
+
+    /// Commits the deferred writes of earlier ticks, if any.
+    async fn flush_deferred(&mut self) {
+        if self.deferred_until.take().is_none() {
+            return;
+        }
+        let mut tick = std::mem::take(&mut self.tick_writes);
+        self.drop_unowned(&mut tick);
+        // Only `ExecutionStarted` ticks without side effects are deferred: there is nothing
+        // to carry out, whatever failed.
+        let _failed = self.commit(&mut tick).await;
+        self.tick_writes = tick;
+    }
+
+    /// Drops the deferred writes of runs whose lease was lost since they were made: they must
+    /// not be committed unfenced (the orchestrator forgets those runs).
+    fn drop_unowned(&self, tick: &mut TickWrites) {
+        if tick.runs.iter().all(|(r, _)| self.leases.contains_key(r)) {
+            return;
+        }
+        let writes = std::mem::take(&mut tick.writes);
+        let runs = std::mem::take(&mut tick.runs);
+        let mut rest = writes.into_iter();
+        for (run, len) in runs {
+            let slice: Vec<Write> = rest.by_ref().take(len).collect();
+            if self.leases.contains_key(&run) {
+                tick.push(run, slice);
+            } else {
+                tracing::debug!(run_id = %run, "lease lost; dropping the deferred writes");
+            }
+        }
     }
 
     /// Commits the tick's writes as one batch, fenced; on a non-transient failure, run by

@@ -1735,6 +1735,129 @@ mod driver {
         driver.shutdown().await.unwrap();
     }
 
+    /// The statuses of the executions of `run`, as stored.
+    async fn execution_statuses(store: &Arc<dyn Store>, run: RunId) -> Vec<Status> {
+        let record = store.load_run(run).await.unwrap();
+        record.executions.iter().map(|e| e.status).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_started_execution_is_recorded_running_within_the_delay_while_it_runs() {
+        let store = seeded(InMemoryStore::new()).await;
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        executor.set_default(MockStep::succeed().with_duration(Duration::from_secs(600)));
+        let driver = spawn(&store, Arc::new(executor.clone()), "a");
+        let run = driver
+            .submit_run(request(full_spec(), Trigger::Push, "main"))
+            .await
+            .unwrap();
+        // The start of a long step is not held back until its end: it is committed alone
+        // once the delay has passed.
+        let delay = DriverConfig::default().started_write_delay;
+        tokio::time::sleep(delay * 4).await;
+        let statuses = execution_statuses(&store, run).await;
+        assert!(!statuses.is_empty(), "an execution was submitted");
+        assert!(
+            statuses.contains(&Status::Running),
+            "recorded running while it runs: {statuses:?}"
+        );
+        driver.shutdown().await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_start_is_committed_at_shutdown() {
+        let store = seeded(InMemoryStore::new()).await;
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        executor.set_default(MockStep::succeed().with_duration(Duration::from_secs(600)));
+        let delay = Duration::from_secs(3600);
+        let driver = Driver::new(
+            Arc::clone(&store),
+            Arc::new(executor.clone()),
+            DriverConfig {
+                started_write_delay: delay,
+                ..config("a")
+            },
+        )
+        .spawn();
+        let run = driver
+            .submit_run(request(full_spec(), Trigger::Push, "main"))
+            .await
+            .unwrap();
+        let mut waited = Duration::ZERO;
+        while executor.specs().is_empty() && waited < Duration::from_secs(10) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            waited += Duration::from_millis(10);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            execution_statuses(&store, run).await,
+            [Status::Pending],
+            "the start waits for the next commit"
+        );
+        driver.shutdown().await.unwrap();
+        assert_eq!(
+            execution_statuses(&store, run).await,
+            [Status::Running],
+            "a shutdown commits what was deferred"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_steps_whose_start_rides_with_their_end_record_every_transition_in_order() {
+        let store = seeded(InMemoryStore::new()).await;
+        let executor =
+            MockExecutor::new().with_artifact_store(Arc::new(InMemoryArtifactStore::new()));
+        // Shorter than the delay: each start is committed with the step's end.
+        executor.set_default(MockStep::succeed().with_duration(Duration::from_millis(5)));
+        let driver = spawn(&store, Arc::new(executor.clone()), "a");
+        let mut events = driver.subscribe();
+        let run = driver
+            .submit_run(request(full_spec(), Trigger::Push, "main"))
+            .await
+            .unwrap();
+        let done = driver.wait_for_run(run).await.unwrap();
+        assert_eq!(done.status, RunStatus::Success);
+        let record = store.load_run(run).await.unwrap();
+        assert!(
+            record
+                .executions
+                .iter()
+                .all(|e| e.status == Status::Succeeded && e.version == 2),
+            "each execution went pending, running, succeeded: {:?}",
+            record
+                .executions
+                .iter()
+                .map(|e| (e.status, e.version))
+                .collect::<Vec<_>>()
+        );
+        let mut seen: std::collections::HashMap<crate::domain::ExecutionId, Vec<Status>> =
+            std::collections::HashMap::new();
+        while let Ok(e) = events.try_recv() {
+            if let RunEventKind::ExecutionChanged {
+                execution_id,
+                status,
+            } = e.kind
+            {
+                seen.entry(execution_id).or_default().push(status);
+            }
+        }
+        assert_eq!(seen.len(), record.executions.len());
+        for (id, statuses) in seen {
+            let ran: Vec<Status> = statuses
+                .into_iter()
+                .filter(|s| *s != Status::Pending)
+                .collect();
+            assert_eq!(
+                ran,
+                [Status::Running, Status::Succeeded],
+                "execution {id}: running recorded before its end"
+            );
+        }
+        driver.shutdown().await.unwrap();
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_execution_that_ends_before_its_submission_returns_keeps_its_external_id() {
         let store = seeded(InMemoryStore::new()).await;
