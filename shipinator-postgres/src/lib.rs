@@ -40,6 +40,7 @@
 //!   batch treats as a no-op), so the caller retries with backoff.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use shipinator_core::error::BoxError;
@@ -74,7 +75,8 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[non_exhaustive]
 pub struct PgStoreOptions {
     /// Most connections the pool opens (default 10). Size it to the number of concurrent
-    /// store calls the process makes: drivers, API handlers, benchmarks.
+    /// store calls the process makes: drivers, API handlers, benchmarks. From 3 up, the store
+    /// keeps one more, outside the pool, for batch commits.
     pub max_connections: u32,
     /// Connections kept open while idle (default 0).
     pub min_connections: u32,
@@ -234,7 +236,23 @@ impl From<Error> for StoreError {
 #[derive(Clone)]
 pub struct PgStore {
     pool: PgPool,
+    /// The connection batch commits go through while it is free, detached from the pool (one
+    /// connection beyond `max_connections`): a driver commits one batch at a time, and on one
+    /// connection its statement is parsed once and the server settles on a generic plan after
+    /// a few executions, where commits spread over the pool's connections are parsed and
+    /// planned again on each. A commit that finds it busy (another driver of the process)
+    /// takes a pool connection.
+    commit_conn: Arc<tokio::sync::Mutex<Option<CommitConn>>>,
 }
+
+/// The commit connection and when it was last used.
+struct CommitConn {
+    conn: sqlx::PgConnection,
+    used: std::time::Instant,
+}
+
+/// Pools smaller than this are kept to their size: commits take pool connections.
+const MIN_POOL_TO_PIN: u32 = 3;
 
 impl fmt::Debug for PgStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -278,7 +296,7 @@ impl PgStore {
             .connect_with(connect)
             .await
             .map_err(Error::from_sqlx)?;
-        let store = Self { pool };
+        let store = Self::new(pool);
         if options.migrate {
             store.migrate().await?;
         }
@@ -287,7 +305,47 @@ impl PgStore {
 
     /// A store over an existing pool. Does not apply migrations: call [`PgStore::migrate`].
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            commit_conn: Arc::default(),
+        }
+    }
+
+    /// Applies `batch` as one statement ([`script::apply`]): on the pinned commit connection
+    /// when it is free (pinged first if it sat idle, replaced if it broke), else on a pool
+    /// connection.
+    pub(crate) async fn apply_script(
+        &self,
+        batch: &shipinator_core::store::Batch,
+    ) -> Result<bool, shipinator_core::store::StoreError> {
+        let pin = self.pool.options().get_max_connections() >= MIN_POOL_TO_PIN;
+        let Some(mut slot) = pin.then(|| self.commit_conn.try_lock().ok()).flatten() else {
+            let mut conn = self.pool.acquire().await.map_err(store::db)?;
+            return script::apply(&mut conn, batch).await;
+        };
+        let mut held = slot.take();
+        if let Some(p) = held.as_mut()
+            && p.used.elapsed() >= IDLE_PING_AFTER
+            && sqlx::Connection::ping(&mut p.conn).await.is_err()
+        {
+            // Broken while idle (a server restart): dropped, another is opened.
+            held = None;
+        }
+        let mut pinned = match held {
+            Some(p) => p,
+            None => CommitConn {
+                conn: self.pool.acquire().await.map_err(store::db)?.detach(),
+                used: std::time::Instant::now(),
+            },
+        };
+        let result = script::apply(&mut pinned.conn, batch).await;
+        if result.is_ok() {
+            // Applied, or refused by the server with the connection intact.
+            pinned.used = std::time::Instant::now();
+            *slot = Some(pinned);
+        }
+        // Otherwise the connection failed: dropped, the next commit opens another.
+        result
     }
 
     /// Applies the embedded migrations that are not applied yet. Safe to call from several
@@ -312,8 +370,11 @@ impl PgStore {
         &self.pool
     }
 
-    /// Closes the pool: waits for connections in use to be returned.
+    /// Closes the commit connection and the pool: waits for connections in use to be returned.
     pub async fn close(&self) {
+        if let Some(pinned) = self.commit_conn.lock().await.take() {
+            let _ = sqlx::Connection::close(pinned.conn).await;
+        }
         self.pool.close().await;
     }
 

@@ -21,7 +21,6 @@ use std::collections::{HashMap, HashSet};
 use std::sync::OnceLock;
 
 use shipinator_core::store::{Batch, StoreError, Write};
-use sqlx::PgPool;
 use sqlx::types::time::OffsetDateTime;
 use uuid::Uuid;
 
@@ -577,7 +576,10 @@ impl<'a> Columns<'a> {
 ///
 /// # Errors
 /// The database could not be reached.
-pub(crate) async fn apply(pool: &PgPool, batch: &Batch) -> Result<bool, StoreError> {
+pub(crate) async fn apply(
+    conn: &mut sqlx::PgConnection,
+    batch: &Batch,
+) -> Result<bool, StoreError> {
     let Some(c) = Columns::of(batch)? else {
         return Ok(false);
     };
@@ -679,7 +681,7 @@ pub(crate) async fn apply(pool: &PgPool, batch: &Batch) -> Result<bool, StoreErr
         .bind(announce(batch))
         .bind(WAKEUP_CHANNEL)
         .bind(FAILED)
-        .execute(pool)
+        .execute(conn)
         .await;
     match result {
         Ok(_) => Ok(true),
@@ -751,7 +753,7 @@ mod tests {
         let batch = step_start_batch(&store).await;
         let run = run_of(&batch);
         assert!(
-            apply(&store.pool, &batch).await.unwrap(),
+            store.apply_script(&batch).await.unwrap(),
             "a fresh batch applies"
         );
         let record = store.load_run(run).await.unwrap();
@@ -767,7 +769,7 @@ mod tests {
 
         // The same batch again: the compare-and-sets fail, nothing is written, and the
         // transaction path decides (an identical replay).
-        assert!(!apply(&store.pool, &batch).await.unwrap());
+        assert!(!store.apply_script(&batch).await.unwrap());
         assert_eq!(
             store.list_events(0, 1000).await.unwrap().len(),
             events.len()
@@ -785,7 +787,7 @@ mod tests {
         let mut fenced = batch.clone();
         fenced.fences[0].epoch += 1;
         assert!(
-            !apply(&store.pool, &fenced).await.unwrap(),
+            !store.apply_script(&fenced).await.unwrap(),
             "a stale epoch fails"
         );
         let err = store.commit(&fenced).await.unwrap_err();
@@ -799,7 +801,7 @@ mod tests {
             *expected_version = 5;
         }
         assert!(
-            !apply(&store.pool, &stale).await.unwrap(),
+            !store.apply_script(&stale).await.unwrap(),
             "a stale version fails"
         );
         let err = store.commit(&stale).await.unwrap_err();
@@ -829,7 +831,7 @@ mod tests {
             started_at: None,
             finished_at: None,
         });
-        assert!(!apply(&store.pool, &twice).await.unwrap());
+        assert!(!store.apply_script(&twice).await.unwrap());
         assert_eq!(store.load_run(run).await.unwrap().run.version, 0);
         let err = store.commit(&twice).await.unwrap_err();
         assert!(
@@ -857,7 +859,7 @@ mod tests {
             failure: None,
             completed_at: None,
         });
-        assert!(!apply(&store.pool, &inserted_then_updated).await.unwrap());
+        assert!(!store.apply_script(&inserted_then_updated).await.unwrap());
         assert_eq!(store.load_run(run).await.unwrap().run.version, 0);
     }
 
@@ -884,7 +886,7 @@ mod tests {
             finished_at: None,
         });
         assert!(
-            apply(&store.pool, &twice).await.unwrap(),
+            store.apply_script(&twice).await.unwrap(),
             "the second update expects what the first leaves: one statement"
         );
         let record = store.load_run(run).await.unwrap();
@@ -899,7 +901,7 @@ mod tests {
 
         // The same batch again: its compare-and-sets fail, and nothing is written twice
         // whatever the transaction path then decides.
-        assert!(!apply(&store.pool, &twice).await.unwrap());
+        assert!(!store.apply_script(&twice).await.unwrap());
         let _ = store.commit(&twice).await;
         assert_eq!(
             store

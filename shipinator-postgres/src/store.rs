@@ -23,7 +23,7 @@ use crate::rows::{
     self, ARTIFACT_COLUMNS, EXECUTION_COLUMNS, PROJECT_COLUMNS, RUN_COLUMNS,
     RUN_COLUMNS_WITHOUT_SPEC, i32_of, i64_of, metadata_json, opt_ts, ts,
 };
-use crate::{Error, PgStore, WAKEUP_CHANNEL, script};
+use crate::{Error, PgStore, WAKEUP_CHANNEL};
 
 /// Serialises the numbering of committed events (see `number_events`).
 const EVENT_LOCK_KEY: i64 = 0x5348_4950_4556_5401;
@@ -1177,7 +1177,7 @@ impl Store for PgStore {
         if batch.fences.is_empty() && batch.writes.is_empty() {
             return Ok(());
         }
-        if script::apply(&self.pool, batch).await? {
+        if self.apply_script(batch).await? {
             return Ok(());
         }
         // Nothing was written: find out which precondition failed, one statement at a time.
