@@ -394,8 +394,9 @@ fn the_cli_reports_failures_retries_cancels_and_refusals() {
         gate.display()
     );
     let slow = format!(
-        "build:\n  steps:\n    - name: wait\n      run: echo waiting; while [ ! -e {} ]; do sleep 0.1; done\n",
-        never.display()
+        "build:\n  steps:\n    - name: wait\n      run: echo waiting; while [ ! -e {0} ] && [ -d {1} ]; do sleep 0.1; done\n",
+        never.display(),
+        work.path().display()
     );
     let (repo, commit) = repository(&[("gated.yaml", &gated), ("slow.yaml", &slow)]);
     let server = Server::start(data.path(), &[]);
@@ -689,8 +690,9 @@ fn logs_follow_resumes_with_last_event_id_after_a_dropped_connection() {
     let work = tempfile::tempdir().unwrap();
     let gate = work.path().join("gate");
     let slow = format!(
-        "build:\n  steps:\n    - name: talk\n      run: echo first; while [ ! -e {} ]; do sleep 0.1; done; echo second; echo third\n",
-        gate.display()
+        "build:\n  steps:\n    - name: talk\n      run: echo first; while [ ! -e {0} ] && [ -d {1} ]; do sleep 0.1; done; echo second; echo third\n",
+        gate.display(),
+        work.path().display()
     );
     let (repo, commit) = repository(&[("slow.yaml", &slow)]);
     let server = Server::start(data.path(), &[]);
@@ -805,8 +807,9 @@ fn logs_follow_rides_out_a_server_restart() {
     let work = tempfile::tempdir().unwrap();
     let gate = work.path().join("gate");
     let slow = format!(
-        "build:\n  steps:\n    - name: talk\n      run: echo first; while [ ! -e {} ]; do sleep 0.1; done; echo second\n",
-        gate.display()
+        "build:\n  steps:\n    - name: talk\n      run: echo first; while [ ! -e {0} ] && [ -d {1} ]; do sleep 0.1; done; echo second\n",
+        gate.display(),
+        work.path().display()
     );
     let (repo, commit) = repository(&[("slow.yaml", &slow)]);
     let server = Server::start(data.path(), &[]);

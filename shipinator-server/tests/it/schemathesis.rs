@@ -295,8 +295,9 @@ async fn seed(server: &Server, data_dir: &Path, repo: &Path, commit: &str, gated
     // endpoints while schemathesis runs.
     let gate = gated.join("gate");
     let gated_config = format!(
-        "build:\n  steps:\n    - name: gated\n      run: while [ ! -e {} ]; do sleep 0.1; done\n",
-        gate.display()
+        "build:\n  steps:\n    - name: gated\n      run: while [ ! -e {} ] && [ -d {} ]; do sleep 0.1; done\n",
+        gate.display(),
+        gated.display()
     );
     let gated_pipeline = server
         .call(

@@ -301,8 +301,9 @@ async fn serve_on_postgres_runs_a_pipeline_and_serves_its_artifact() {
 fn gated_repo(gate: &Path) -> (tempfile::TempDir, String) {
     let repo = tempfile::tempdir().unwrap();
     let config = format!(
-        "build:\n  steps:\n    - name: gated\n      run: while [ ! -e {gate} ]; do sleep 0.1; done; mkdir -p out && echo gated > out/g.bin\n      outputs:\n        - type: binary\n          path: out/g.bin\n",
-        gate = gate.display()
+        "build:\n  steps:\n    - name: gated\n      run: while [ ! -e {gate} ] && [ -d {dir} ]; do sleep 0.1; done; mkdir -p out && echo gated > out/g.bin\n      outputs:\n        - type: binary\n          path: out/g.bin\n",
+        gate = gate.display(),
+        dir = gate.parent().unwrap_or(gate).display()
     );
     std::fs::write(repo.path().join(".shipinator.yaml"), config).unwrap();
     git(repo.path(), &["init", "-q", "-b", "main"]);
