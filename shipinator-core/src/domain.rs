@@ -109,20 +109,31 @@ impl JobId {
     /// The deterministic id of a run's job for `stage`: the same run and stage always give the
     /// same id, so the orchestrator never needs a random source.
     pub fn derive(run: RunId, stage: JobType) -> Self {
-        let mut name = Vec::with_capacity(16 + 8);
-        name.extend_from_slice(run.0.as_bytes());
-        name.extend_from_slice(stage.as_str().as_bytes());
-        Self(Uuid::new_v5(&ID_NAMESPACE, &name))
+        // The name is the run id's bytes then the stage's text, built on the stack: ids are
+        // derived for every step the orchestrator starts.
+        let stage = stage.as_str().as_bytes();
+        let mut name = [0u8; 16 + 16];
+        let len = 16 + stage.len();
+        match name.get_mut(16..len) {
+            Some(tail) => tail.copy_from_slice(stage),
+            None => {
+                let mut long = run.0.as_bytes().to_vec();
+                long.extend_from_slice(stage);
+                return Self(Uuid::new_v5(&ID_NAMESPACE, &long));
+            }
+        }
+        name[..16].copy_from_slice(run.0.as_bytes());
+        Self(Uuid::new_v5(&ID_NAMESPACE, &name[..len]))
     }
 }
 
 impl StepId {
     /// The deterministic id of the step at `index` of `job`.
     pub fn derive(job: JobId, index: u32) -> Self {
-        let mut name = Vec::with_capacity(16 + 4 + 5);
-        name.extend_from_slice(job.0.as_bytes());
-        name.extend_from_slice(b"step:");
-        name.extend_from_slice(&index.to_be_bytes());
+        let mut name = [0u8; 16 + 5 + 4];
+        name[..16].copy_from_slice(job.0.as_bytes());
+        name[16..21].copy_from_slice(b"step:");
+        name[21..].copy_from_slice(&index.to_be_bytes());
         Self(Uuid::new_v5(&ID_NAMESPACE, &name))
     }
 }
@@ -131,10 +142,10 @@ impl ExecutionId {
     /// The deterministic id of `attempt` of `step`: a repeated submit of the same attempt uses
     /// the same id, so executors can make submission idempotent.
     pub fn derive(step: StepId, attempt: u32) -> Self {
-        let mut name = Vec::with_capacity(16 + 4 + 5);
-        name.extend_from_slice(step.0.as_bytes());
-        name.extend_from_slice(b"exec:");
-        name.extend_from_slice(&attempt.to_be_bytes());
+        let mut name = [0u8; 16 + 5 + 4];
+        name[..16].copy_from_slice(step.0.as_bytes());
+        name[16..21].copy_from_slice(b"exec:");
+        name[21..].copy_from_slice(&attempt.to_be_bytes());
         Self(Uuid::new_v5(&ID_NAMESPACE, &name))
     }
 }
@@ -601,5 +612,32 @@ mod tests {
         assert_ne!(s0, StepId::derive(build, 1));
         assert_ne!(ExecutionId::derive(s0, 1), ExecutionId::derive(s0, 2));
         assert_eq!(ExecutionId::derive(s0, 1), ExecutionId::derive(s0, 1));
+    }
+
+    #[test]
+    fn derived_ids_are_v5_of_the_parent_and_a_suffix() {
+        // Stored rows carry these ids: the bytes hashed must never change.
+        let run = RunId(Uuid::from_u128(7));
+        for stage in JobType::ORDER {
+            let mut name = run.0.as_bytes().to_vec();
+            name.extend_from_slice(stage.as_str().as_bytes());
+            assert_eq!(
+                JobId::derive(run, stage).0,
+                Uuid::new_v5(&ID_NAMESPACE, &name)
+            );
+        }
+        let job = JobId::derive(run, JobType::Test);
+        let mut name = job.0.as_bytes().to_vec();
+        name.extend_from_slice(b"step:");
+        name.extend_from_slice(&3u32.to_be_bytes());
+        let step = StepId::derive(job, 3);
+        assert_eq!(step.0, Uuid::new_v5(&ID_NAMESPACE, &name));
+        let mut name = step.0.as_bytes().to_vec();
+        name.extend_from_slice(b"exec:");
+        name.extend_from_slice(&2u32.to_be_bytes());
+        assert_eq!(
+            ExecutionId::derive(step, 2).0,
+            Uuid::new_v5(&ID_NAMESPACE, &name)
+        );
     }
 }

@@ -271,7 +271,19 @@ impl Substrate {
             execution_id: id,
             state,
         };
-        st.subscribers.retain(|s| s.tx.send(report.clone()).is_ok());
+        // Every subscriber but the last gets a copy; the last gets the report itself.
+        let mut report = Some(report);
+        let last = st.subscribers.len().saturating_sub(1);
+        let mut i = 0;
+        st.subscribers.retain(|s| {
+            let copy = if i == last {
+                report.take()
+            } else {
+                report.clone()
+            };
+            i += 1;
+            copy.is_some_and(|r| s.tx.send(r).is_ok())
+        });
         drop(st);
         self.ended.send_modify(|n| *n = n.wrapping_add(1));
         true

@@ -39,14 +39,15 @@
 //! that crashes between the commit and the cancel leaves the intent in the store; the next one
 //! sends the cancel again when it loads the run, so no execution outlives its run.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::config::{PipelineSpec, TemplateContext};
 use crate::domain::{
-    Artifact, Execution, ExecutionId, JobId, JobStatus, JobType, RunId, RunPhase, RunStatus,
-    Status, StepId, StepStatus,
+    Artifact, ArtifactId, Execution, ExecutionId, JobId, JobStatus, JobType, RunId, RunPhase,
+    RunStatus, Status, StepId, StepStatus,
 };
 use crate::executor::{ExecHandle, ExecutionResult, ExecutionSpec, InputArtifact, SourceSpec};
 use crate::fsm::WorkEvent;
@@ -249,10 +250,47 @@ struct RunState {
     doc: Arc<RunDoc>,
     jobs: Vec<JobState>,
     /// Artifacts available to later stages, with the stage that produced them.
-    artifacts: Vec<(JobType, InputArtifact)>,
+    artifacts: Earlier,
     /// The status the run ends with once every execution is confirmed ended (failing or
     /// canceling); nothing new is scheduled meanwhile.
     ending: Option<RunStatus>,
+}
+
+/// A run's registered artifacts, oldest first, with the stage that produced each: kept as two
+/// parallel lists so that, while they are in stage order (as a run registers them), the
+/// artifacts of the stages before one are a prefix, handed to the translators without a copy.
+#[derive(Debug, Default)]
+struct Earlier {
+    stages: Vec<JobType>,
+    inputs: Vec<InputArtifact>,
+}
+
+impl Earlier {
+    fn push(&mut self, stage: JobType, input: InputArtifact) {
+        self.stages.push(stage);
+        self.inputs.push(input);
+    }
+
+    fn contains(&self, id: ArtifactId) -> bool {
+        self.inputs.iter().any(|known| known.id == id)
+    }
+
+    /// The artifacts of the stages before `stage`, oldest first.
+    fn before(&self, stage: JobType) -> Cow<'_, [InputArtifact]> {
+        if self.stages.is_sorted() {
+            let n = self.stages.partition_point(|s| *s < stage);
+            Cow::Borrowed(&self.inputs[..n])
+        } else {
+            Cow::Owned(
+                self.stages
+                    .iter()
+                    .zip(&self.inputs)
+                    .filter(|(s, _)| **s < stage)
+                    .map(|(_, a)| a.clone())
+                    .collect(),
+            )
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -619,7 +657,7 @@ impl Orchestrator {
                 if broken.is_some() {
                     // Asked to stop below.
                 } else if e.status == Status::Pending {
-                    let inputs = inputs_for(&state, job.stage);
+                    let inputs = state.artifacts.before(job.stage);
                     if let Ok(spec) = build_spec(
                         &self.config,
                         &state,
@@ -708,7 +746,7 @@ fn build_state(
         finished_at: r.finished_at,
         doc: Arc::clone(&run_doc),
         jobs: Vec::new(),
-        artifacts: Vec::new(),
+        artifacts: Earlier::default(),
         ending: None,
     };
     let mut problem = None;
@@ -789,7 +827,7 @@ fn build_state(
     if let Some(problem) = problem {
         return Err(Box::new((state, problem)));
     }
-    state.artifacts = doc
+    let artifacts = doc
         .inherited_artifacts
         .iter()
         .map(|a| (a.stage, stages::as_input(&a.artifact)))
@@ -797,8 +835,10 @@ fn build_state(
             stage_of_job
                 .get(&a.job_id)
                 .map(|s| (*s, stages::as_input(a)))
-        }))
-        .collect();
+        }));
+    for (stage, input) in artifacts {
+        state.artifacts.push(stage, input);
+    }
     Ok(state)
 }
 
@@ -865,14 +905,6 @@ fn step_timeout(
             .and_then(|s| s.timeout),
     };
     own.or(config.default_step_timeout)
-}
-
-fn inputs_for(run: &RunState, stage: JobType) -> Vec<InputArtifact> {
-    run.artifacts
-        .iter()
-        .filter(|(s, _)| *s < stage)
-        .map(|(_, a)| a.clone())
-        .collect()
 }
 
 fn build_spec(
@@ -1232,8 +1264,9 @@ fn start_attempt(
 ) {
     let stage = run.jobs[ji].stage;
     let index = run.jobs[ji].steps[si].index;
-    let inputs = inputs_for(run, stage);
+    let inputs = run.artifacts.before(stage);
     let spec = build_spec(config, run, stage, index, attempt, &inputs);
+    drop(inputs);
     let step = &mut run.jobs[ji].steps[si];
     let next = crate::fsm::step::on(step.status, WorkEvent::Start).unwrap_or(step.status);
     step_update(step, next, attempt, tx);
@@ -1417,10 +1450,10 @@ fn finished(
     let artifacts: Vec<Artifact> =
         stages::register_artifacts(result, run.id, job_id, step_id, tx.now);
     for a in artifacts {
-        if run.artifacts.iter().any(|(_, known)| known.id == a.id) {
+        if run.artifacts.contains(a.id) {
             continue;
         }
-        run.artifacts.push((stage, stages::as_input(&a)));
+        run.artifacts.push(stage, stages::as_input(&a));
         let artifact_id = a.id;
         tx.writes.push(Write::InsertArtifact(a));
         tx.event(RunEventKind::ArtifactRegistered { artifact_id });

@@ -43,32 +43,39 @@ pub struct StepRequest<'a> {
     pub default_timeout: Option<Duration>,
 }
 
-impl StepRequest<'_> {
-    fn job_id(&self) -> JobId {
-        JobId::derive(self.run_id, self.stage)
-    }
+/// The ids of one attempt of a step, each derived once.
+#[derive(Debug, Clone, Copy)]
+struct AttemptIds {
+    job: JobId,
+    step: StepId,
+    execution: ExecutionId,
+}
 
-    fn step_id(&self) -> StepId {
-        StepId::derive(self.job_id(), self.step_index)
+impl StepRequest<'_> {
+    fn ids(&self) -> AttemptIds {
+        let job = JobId::derive(self.run_id, self.stage);
+        let step = StepId::derive(job, self.step_index);
+        AttemptIds {
+            job,
+            step,
+            execution: ExecutionId::derive(step, self.attempt),
+        }
     }
 
     fn base_env(&self, step_name: &str, execution_id: ExecutionId) -> BTreeMap<String, String> {
-        let mut env: BTreeMap<String, String> = self
-            .context
+        // One bulk build of every variable (the run's, then the attempt's), rather than
+        // inserting the attempt's one by one into the run's.
+        let attempt = [
+            ("SHIPINATOR_STAGE", self.stage.as_str().to_owned()),
+            ("SHIPINATOR_STEP", step_name.to_owned()),
+            ("SHIPINATOR_ATTEMPT", self.attempt.to_string()),
+            ("SHIPINATOR_EXECUTION_ID", execution_id.to_string()),
+        ];
+        self.context
             .env()
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
-        env.insert(
-            "SHIPINATOR_STAGE".to_owned(),
-            self.stage.as_str().to_owned(),
-        );
-        env.insert("SHIPINATOR_STEP".to_owned(), step_name.to_owned());
-        env.insert("SHIPINATOR_ATTEMPT".to_owned(), self.attempt.to_string());
-        env.insert(
-            "SHIPINATOR_EXECUTION_ID".to_owned(),
-            execution_id.to_string(),
-        );
-        env
+            .chain(attempt.into_iter().map(|(k, v)| (k.to_owned(), v)))
+            .collect()
     }
 }
 
@@ -117,8 +124,8 @@ fn step_spec<'a>(
     step: &'a StepSpec,
     inputs: Vec<InputArtifact>,
 ) -> ExecutionSpec {
-    let execution_id = ExecutionId::derive(req.step_id(), req.attempt);
-    let mut env = req.base_env(&step.name, execution_id);
+    let ids = req.ids();
+    let mut env = req.base_env(&step.name, ids.execution);
     for (k, v) in stage.env.iter().chain(step.env.iter()) {
         env.insert(k.clone(), v.render(req.context));
     }
@@ -133,10 +140,10 @@ fn step_spec<'a>(
         })
         .collect();
     ExecutionSpec {
-        execution_id,
+        execution_id: ids.execution,
         run_id: req.run_id,
-        job_id: req.job_id(),
-        step_id: req.step_id(),
+        job_id: ids.job,
+        step_id: ids.step,
         attempt: req.attempt,
         stage: req.stage,
         step_name: step.name.clone(),
@@ -341,15 +348,15 @@ impl Deployinator {
                 return Err(StageError::NotDeployable { artifact_type: t });
             }
         };
-        let execution_id = ExecutionId::derive(req.step_id(), req.attempt);
-        let mut env = req.base_env(DEPLOY_STEP, execution_id);
+        let ids = req.ids();
+        let mut env = req.base_env(DEPLOY_STEP, ids.execution);
         env.insert("SHIPINATOR_DEPLOY_TARGET".to_owned(), deploy.target.clone());
         env.insert("SHIPINATOR_DEPLOY_NAMESPACE".to_owned(), namespace);
         Ok(ExecutionSpec {
-            execution_id,
+            execution_id: ids.execution,
             run_id: req.run_id,
-            job_id: req.job_id(),
-            step_id: req.step_id(),
+            job_id: ids.job,
+            step_id: ids.step,
             attempt: req.attempt,
             stage: req.stage,
             step_name: DEPLOY_STEP.to_owned(),
