@@ -36,7 +36,7 @@ async fn failure_after_run_insert_leaves_no_orphans() -> anyhow::Result<()> {
     store.create_run(&first).await?;
 
     // A second run whose build job reuses an id the first run holds: the run row goes in,
-    // the job insert violates the primary key, and the transaction must roll back.
+    // the job insert violates the primary key, and nothing of the run may stay.
     let mut second = new_run(fx.pipeline.id, "main", Trigger::Push, fx.now);
     let taken = first.jobs[0].id;
     let replaced = second.jobs[0].id;
