@@ -15,11 +15,11 @@ use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, StatusCode};
 use axum::routing::get;
 use shipinator_core::artifact::ArtifactStore;
-use shipinator_core::domain::TokenRole;
+use shipinator_core::domain::{ApiTokenId, TokenRole};
 use shipinator_core::driver::{Driver, DriverConfig, DriverHandle};
 use shipinator_core::executor::Executor;
 use shipinator_core::logs::LogStore;
-use shipinator_core::store::{ProjectScope, Store};
+use shipinator_core::store::{ProjectScope, Store, StoreError};
 use tokio::sync::{Mutex, watch};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::timeout::TimeoutLayer;
@@ -376,20 +376,39 @@ pub(crate) fn load_or_create_secret(path: &Path) -> anyhow::Result<Vec<u8>> {
     }
 }
 
-/// At first start (no token at all), creates an admin token, prints it once and writes it to
+/// The id of the admin token created at first start. Fixed rather than fresh: when several
+/// replicas start on an empty store at once, the store lets one of them create it and refuses
+/// the others (`AlreadyExists`), where each would otherwise create an admin token of its own.
+const FIRST_ADMIN_TOKEN: ApiTokenId =
+    ApiTokenId::from_uuid(uuid::uuid!("5f1c2a9e-0d3b-4e6f-9a71-3c8d2b4e6f10"));
+
+/// At first start (no token at all), creates the admin token, prints it once and writes it to
 /// `<data_dir>/admin-token` (mode 0600).
-async fn bootstrap_admin(state: &AppState, data_dir: &Path) -> anyhow::Result<()> {
-    if !state.store.list_api_tokens().await?.is_empty() {
+async fn bootstrap_admin(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
+    if !store.list_api_tokens().await?.is_empty() {
         return Ok(());
     }
-    let (secret, _) = api::tokens::issue(
-        state,
+    create_first_admin(store, data_dir).await.map(|_| ())
+}
+
+/// Creates the first admin token under [`FIRST_ADMIN_TOKEN`] and, if this call created it,
+/// prints its secret once and writes it to `<data_dir>/admin-token`. Returns whether it did:
+/// false when another replica got there first.
+async fn create_first_admin(store: &dyn Store, data_dir: &Path) -> anyhow::Result<bool> {
+    let (secret, token) = api::tokens::mint(
+        FIRST_ADMIN_TOKEN,
         "admin".to_owned(),
         TokenRole::Admin,
         ProjectScope::All,
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("creating the first admin token: {}", e.message))?;
+    )?;
+    match store.create_api_token(&token).await {
+        Ok(()) => {}
+        Err(StoreError::AlreadyExists { .. }) => {
+            tracing::info!("the first admin token was created by another replica");
+            return Ok(false);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("creating the first admin token")),
+    }
     let file = data_dir.join("admin-token");
     write_private(&file, &format!("{secret}\n"))?;
     let mut out = std::io::stdout().lock();
@@ -399,7 +418,7 @@ async fn bootstrap_admin(state: &AppState, data_dir: &Path) -> anyhow::Result<()
         file.display()
     )?;
     out.flush()?;
-    Ok(())
+    Ok(true)
 }
 
 /// Waits for SIGTERM or SIGINT.
@@ -462,7 +481,7 @@ pub(crate) async fn run(mut config: ServerConfig) -> anyhow::Result<()> {
             config.limits.finished_run_cache,
         )),
     };
-    bootstrap_admin(&state, &config.data_dir).await?;
+    bootstrap_admin(state.store.as_ref(), &config.data_dir).await?;
     let event_metrics = metrics::spawn_event_metrics(&driver);
     let sweeper = backends
         .kubernetes

@@ -1659,3 +1659,40 @@ async fn a_request_past_the_time_limit_is_a_408_in_the_error_shape() {
     assert_eq!(r.status, StatusCode::REQUEST_TIMEOUT);
     assert_eq!(r.error_code(), "timeout");
 }
+
+/// Two replicas starting together on one empty store (both found no token): exactly one creates
+/// the first admin token and writes it to its data directory; the other creates none.
+#[tokio::test]
+async fn replicas_starting_together_create_one_first_admin_token() {
+    use shipinator_core::store::Store as _;
+    let dir = tempfile::tempdir().unwrap();
+    let store = shipinator_sqlite::SqliteStore::open(dir.path().join("state.db"))
+        .await
+        .unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let (made_a, made_b) = tokio::join!(
+        super::create_first_admin(&store, &a),
+        super::create_first_admin(&store, &b),
+    );
+    let made = [made_a.unwrap(), made_b.unwrap()];
+    assert_eq!(
+        made.iter().filter(|m| **m).count(),
+        1,
+        "created by: {made:?}"
+    );
+    let (winner, loser) = if made[0] { (&a, &b) } else { (&b, &a) };
+    let tokens = store.list_api_tokens().await.unwrap();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    assert_eq!(tokens[0].role, TokenRole::Admin);
+    let secret = std::fs::read_to_string(winner.join("admin-token")).unwrap();
+    assert_eq!(
+        tokens[0].secret_sha256,
+        super::auth::hash_token(secret.trim()),
+        "the file holds the stored token's secret"
+    );
+    assert!(!loser.join("admin-token").exists());
+    // A later start finds the token and creates nothing.
+    super::bootstrap_admin(&store, loser).await.unwrap();
+    assert!(!loser.join("admin-token").exists());
+    assert_eq!(store.list_api_tokens().await.unwrap().len(), 1);
+}

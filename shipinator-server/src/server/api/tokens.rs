@@ -71,9 +71,22 @@ pub(crate) async fn issue(
     role: shipinator_core::domain::TokenRole,
     scope: ProjectScope,
 ) -> ApiResult<(String, ApiToken)> {
-    let secret = new_api_token().map_err(|e| ApiError::internal(e.to_string()))?;
+    let (secret, token) = mint(ApiTokenId::new_v7(), name, role, scope)
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    state.store.create_api_token(&token).await?;
+    Ok((secret, token))
+}
+
+/// A new token under `id` and its secret (random); the token holds only the secret's hash.
+pub(crate) fn mint(
+    id: ApiTokenId,
+    name: String,
+    role: shipinator_core::domain::TokenRole,
+    scope: ProjectScope,
+) -> anyhow::Result<(String, ApiToken)> {
+    let secret = new_api_token()?;
     let token = ApiToken {
-        id: ApiTokenId::new_v7(),
+        id,
         name,
         role,
         scope,
@@ -82,7 +95,6 @@ pub(crate) async fn issue(
         last_used_at: None,
         revoked_at: None,
     };
-    state.store.create_api_token(&token).await?;
     Ok((secret, token))
 }
 
